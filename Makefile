@@ -1,0 +1,30 @@
+# Every install step lives here: CI runs `make test` on a clean clone.
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# Without CUDA, take the CPU wheel first so no dependency pulls a multi-GB CUDA build.
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install --quiet torch==2.13.0; fi
+	$(PIP) install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/sdlora demo --out outputs/demo
+
+test: setup
+	$(VENV)/bin/ruff check sdlora webui tests benchmarks
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check sdlora webui tests benchmarks
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

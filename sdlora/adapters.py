@@ -1,0 +1,34 @@
+"""Writing a trained adapter to disk: tensors in kohya or diffusers layout, metadata and hashes, atomically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from . import formats
+from .metadata import data_hash
+from .safefiles import atomic_write_bytes
+
+
+def adapter_bytes(states: dict[str, dict[str, torch.Tensor]], *, family: str, rank: int, alpha: float,
+                  targets: dict[str, list[str]], layout: str, precision: str, metadata: dict[str, str],
+                  unet_config=None) -> bytes:
+    """Serialise LoRA states to safetensors bytes with metadata and the content hashes filled in."""
+    from safetensors.torch import save
+
+    if layout == "kohya":
+        tensors = formats.peft_to_kohya(states, {c: alpha for c in states}, family, unet_config)
+    else:
+        tensors = formats.peft_to_diffusers(states)
+        metadata = {**metadata, "lora_adapter_metadata": formats.diffusers_adapter_metadata(
+            {c: rank for c in states}, {c: alpha for c in states}, targets)}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in formats.cast(tensors, precision).items()}
+    blob = save(tensors, metadata=metadata)
+    # The tensor bytes do not depend on the metadata, so the hash of this blob holds for the final one.
+    meta = {**metadata, "sshs_model_hash": data_hash(blob)}
+    return save(tensors, metadata=meta)
+
+
+def write_adapter(path: Path, blob: bytes) -> None:
+    atomic_write_bytes(path, blob)

@@ -1,0 +1,142 @@
+"""`sdlora <command>`: a thin face over the library. Library errors become one line and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import typing
+from pathlib import Path
+
+from . import __version__
+from .config import build_config, default_of, load_toml, option_fields
+from .errors import SdloraError
+
+EXIT_USER_ERROR = 2
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_train_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field; defaults are shown from the dataclasses but applied by them, not argparse."""
+    parser.add_argument("--config", type=Path, help="TOML file setting any option below (flags override it).")
+    for _group, f, tp in option_fields():
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        base = args[0] if args and typing.get_origin(tp) is not list else tp
+        default = default_of(f)
+        help_text = f.metadata.get("help", "") + (f" (default: {default})" if default not in (None, "", []) else "")
+        kw: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        if base is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(base) is list:
+            kw["action"] = "append"
+        else:
+            kw["type"] = {int: int, float: float, Path: Path}.get(base, str)
+            if f.metadata.get("choices"):
+                kw["choices"] = f.metadata["choices"]
+        parser.add_argument(_flag(f.name), **kw)
+
+
+def train_config_from_args(ns: argparse.Namespace):
+    values = load_toml(ns.config) if getattr(ns, "config", None) else {}
+    names = {f.name for _, f, _ in option_fields()}
+    values.update({k: v for k, v in vars(ns).items() if k in names})
+    return build_config(values)
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    from .train import train
+
+    cfg = train_config_from_args(ns)
+    result = train(cfg, progress=True)
+    print(result.summary())
+    return 0
+
+
+def cmd_generate(ns: argparse.Namespace) -> int:
+    from .generate import generate_image
+
+    path = generate_image(base=ns.base, loras=ns.lora or [], prompt=ns.prompt, negative_prompt=ns.negative_prompt,
+                          seed=ns.seed, steps=ns.steps, cfg_scale=ns.cfg, width=ns.width, height=ns.height,
+                          out=ns.out)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_demo(ns: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    result = run_demo(Path(ns.out))
+    print(result)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdlora", description="Stable Diffusion LoRA trainer and blending studio.")
+    parser.add_argument("--version", action="version", version=f"sdlora {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="Only print warnings and errors.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="Train a LoRA on a folder of captioned images.",
+                       description="Train a LoRA on a folder of captioned images.")
+    add_train_options(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="Generate an image with a base and LoRAs.",
+                       description="Generate an image with a base model and zero or more LoRAs.")
+    p.add_argument("--base", default="tiny-sd", help="Base model (as for train).")
+    p.add_argument("--lora", action="append", metavar="PATH[:W]", help="LoRA file and weight (repeatable).")
+    p.add_argument("--prompt", required=True, help="Prompt text.")
+    p.add_argument("--negative-prompt", default="", help="Negative prompt.")
+    p.add_argument("--seed", type=int, default=0, help="Seed (default: 0).")
+    p.add_argument("--steps", type=int, default=20, help="Denoising steps (default: 20).")
+    p.add_argument("--cfg", type=float, default=7.0, help="Classifier-free guidance scale (default: 7).")
+    p.add_argument("--width", type=int, default=512, help="Image width, a multiple of 8 (default: 512).")
+    p.add_argument("--height", type=int, default=512, help="Image height, a multiple of 8 (default: 512).")
+    p.add_argument("--out", type=Path, default=Path("outputs/image.png"), help="Output PNG (default: outputs/image.png).")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo", help="Train a small LoRA on the bundled example data and generate with it.",
+                       description="Train a small LoRA on the bundled example data and generate with it.")
+    p.add_argument("--out", default="outputs/demo", help="Output folder (default: outputs/demo).")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _quiet_dependencies() -> None:
+    """Upstream libraries log advice meant for their own developers; users see sdlora's messages only."""
+    for noisy in ("diffusers", "transformers", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        import diffusers.utils.logging as dl
+        import transformers.utils.logging as tl
+
+        tl.set_verbosity_error()
+        dl.set_verbosity_error()
+        tl.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if ns.quiet else logging.INFO, format="%(levelname)s: %(message)s"
+                        if ns.quiet else "%(message)s", stream=sys.stderr, force=True)
+    _quiet_dependencies()
+    try:
+        return ns.func(ns)
+    except SdloraError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
+
+

@@ -1,0 +1,266 @@
+"""Options for training, with their defaults and help text in one place.
+
+The CLI flags, TOML config keys and README option table are all derived from the dataclass
+fields here. Names are flat and unique across groups so that `--rank 8` on the command line and
+`rank = 8` in a TOML file mean the same thing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def opt(default: Any = None, help: str = "", *, choices: tuple | None = None, factory=None):
+    """A dataclass field carrying its CLI help text and allowed values."""
+    meta = {"help": help, "choices": choices}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+PRESETS = ("attn", "attn-mlp", "full")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
+LR_SCHEDULERS = ("constant", "cosine", "linear")
+SAVE_PRECISION = ("fp16", "bf16", "fp32")
+FORMATS = ("kohya", "diffusers")
+CROPS = ("center", "random")
+
+
+@dataclass
+class DataConfig:
+    data: Path | None = opt(None, "Folder of training images with caption files (searched recursively).")
+    resolution: int = opt(512, "Training resolution; buckets hold about resolution² pixels.")
+    default_caption: str = opt("", "Caption for images without a caption file (default: the folder's class token).")
+    trigger: str = opt("", "Trigger word(s) put first in every caption.")
+    shuffle_tags: bool = opt(False, "Shuffle comma-separated caption tags each time an image is used.")
+    keep_tags: int = opt(0, "With --shuffle-tags, keep this many leading tags in place.")
+    caption_dropout: float = opt(0.0, "Probability of training an image with an empty caption.")
+    bucket: bool = opt(True, "Aspect-ratio bucketing; off: every image is cropped to a square.")
+    bucket_step: int = opt(64, "Bucket sides are multiples of this many pixels.")
+    upscale: bool = opt(False, "Allow buckets larger than the image (upscaling small images).")
+    flip: bool = opt(False, "Random horizontal flip.")
+    crop: str = opt("center", "How an image is cropped to its bucket.", choices=CROPS)
+
+    def __post_init__(self):
+        if self.data is not None:
+            self.data = Path(self.data)
+        _positive("resolution", self.resolution)
+        _positive("bucket_step", self.bucket_step)
+        if self.resolution % 8:
+            raise ConfigError(f"resolution must be a multiple of 8, got {self.resolution}")
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise ConfigError(f"caption_dropout must be between 0 and 1, got {self.caption_dropout}")
+        if self.keep_tags < 0:
+            raise ConfigError(f"keep_tags must be >= 0, got {self.keep_tags}")
+
+    @property
+    def augments_images(self) -> bool:
+        """True when the pixels an image gives differ between epochs (no latent caching then)."""
+        return self.flip or self.crop == "random"
+
+    @property
+    def varies_captions(self) -> bool:
+        return self.shuffle_tags or self.caption_dropout > 0
+
+
+@dataclass
+class AdapterConfig:
+    preset: str = opt("attn", "Modules that get LoRA: attn (attention q/k/v/out), attn-mlp (kohya's default set), full (also convolutions: LoCon).", choices=PRESETS)
+    rank: int = opt(16, "LoRA rank (network dim).")
+    alpha: float | None = opt(None, "LoRA alpha; the update is scaled by alpha/rank (default: equal to rank).")
+    dropout: float = opt(0.0, "Dropout on the LoRA path.")
+    train_text_encoder: bool = opt(False, "Also put LoRA on the text encoder(s).")
+
+    def __post_init__(self):
+        _positive("rank", self.rank)
+        if self.alpha is not None and self.alpha <= 0:
+            raise ConfigError(f"alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.rank if self.alpha is None else self.alpha)
+
+
+@dataclass
+class TrainConfig:
+    base: str = opt("tiny-sd", "Base model: a diffusers folder, a single-file .safetensors checkpoint, a Hub id, or a built-in (tiny-sd, tiny-sdxl).")
+    prediction_type: str = opt("", "Override the detected prediction type of the base.", choices=("", "epsilon", "v_prediction"))
+    output_dir: Path = opt(Path("output"), "Folder for the adapter, checkpoints, samples and logs.")
+    name: str = opt("", "Adapter name (default: the data folder's name).")
+    overwrite: bool = opt(False, "Replace an existing adapter of the same name instead of refusing.")
+    steps: int = opt(0, "Optimizer steps to train (0: use --epochs).")
+    epochs: int = opt(1, "Epochs to train when --steps is 0.")
+    batch_size: int = opt(1, "Images per batch per process.")
+    grad_accum: int = opt(1, "Gradient accumulation steps.")
+    lr: float = opt(1e-4, "Learning rate of the UNet LoRA.")
+    text_encoder_lr: float | None = opt(None, "Learning rate of the text-encoder LoRA (default: --lr).")
+    optimizer: str = opt("adamw", "Optimizer.", choices=OPTIMIZERS)
+    weight_decay: float = opt(1e-2, "Weight decay.")
+    lr_scheduler: str = opt("constant", "Learning-rate schedule.", choices=LR_SCHEDULERS)
+    warmup_steps: int = opt(0, "Linear warmup steps.")
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm (0: off).")
+    mixed_precision: str = opt("no", "Mixed precision on CUDA (fp32 is used on the CPU).", choices=MIXED_PRECISION)
+    gradient_checkpointing: bool = opt(False, "Trade compute for memory.")
+    seed: int = opt(42, "Seed for everything random; runs with the same seed are identical on the CPU.")
+    min_snr_gamma: float = opt(0.0, "Min-SNR loss weighting gamma (0: off; 5 is the paper's value).")
+    noise_offset: float = opt(0.0, "Noise offset (0: off; 0.05-0.1 helps very dark or bright images).")
+    cache_latents: bool = opt(True, "Cache VAE latents when augmentations allow.")
+    cache_text: bool = opt(True, "Cache text embeddings when the text encoders are frozen and captions fixed.")
+    cache_dir: Path | None = opt(None, "Keep the latent cache on disk in this folder (default: in memory).")
+    save_every: int = opt(0, "Write an intermediate adapter and resumable state every N steps (0: off).")
+    resume: str = opt("", "Continue a run: 'latest' or the path of a state file.")
+    sample_prompt: list[str] = opt(help="Prompt for sample images (repeatable).", factory=list)
+    sample_every: int = opt(0, "Write sample images every N steps (0: only at the end when prompts are given).")
+    sample_steps: int = opt(20, "Denoising steps for sample images.")
+    save_precision: str = opt("fp16", "Precision of the saved adapter.", choices=SAVE_PRECISION)
+    format: str = opt("kohya", "Adapter file layout: kohya (A1111, ComfyUI, Forge) or diffusers.", choices=FORMATS)
+    num_workers: int = opt(0, "Data loader worker processes.")
+    data: DataConfig = field(default_factory=DataConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+
+    def __post_init__(self):
+        self.output_dir = Path(self.output_dir)
+        if self.cache_dir is not None:
+            self.cache_dir = Path(self.cache_dir)
+        for name in ("batch_size", "grad_accum"):
+            _positive(name, getattr(self, name))
+        for name in ("steps", "save_every", "sample_every", "warmup_steps", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.steps == 0:
+            _positive("epochs", self.epochs)
+        _positive("sample_steps", self.sample_steps)
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.text_encoder_lr is not None and self.text_encoder_lr < 0:
+            raise ConfigError(f"text_encoder_lr must be >= 0, got {self.text_encoder_lr}")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ConfigError(f"{f.name} must be one of {', '.join(choices)}; got {getattr(self, f.name)!r}")
+        for group in (self.data, self.adapter):
+            for f in dataclasses.fields(group):
+                choices = f.metadata.get("choices")
+                if choices and getattr(group, f.name) not in choices:
+                    raise ConfigError(f"{f.name} must be one of {', '.join(choices)}; got {getattr(group, f.name)!r}")
+
+
+def _positive(name: str, value) -> None:
+    if value is None or value <= 0:
+        raise ConfigError(f"{name} must be > 0, got {value}")
+
+
+GROUPS = {"data": DataConfig, "adapter": AdapterConfig}
+TOML_TABLES = ("dataset", "adapter", "train")
+
+
+def option_fields() -> list[tuple[str | None, dataclasses.Field, Any]]:
+    """Every user-facing option as (group or None, field, resolved type), in declaration order."""
+    out = []
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in GROUPS:
+            sub_hints = typing.get_type_hints(GROUPS[f.name])
+            out.extend((f.name, sf, sub_hints[sf.name]) for sf in dataclasses.fields(GROUPS[f.name]))
+        else:
+            out.append((None, f, hints[f.name]))
+    return out
+
+
+def default_of(f: dataclasses.Field):
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return f.default
+
+
+def build_config(values: dict[str, Any]) -> TrainConfig:
+    """Make a TrainConfig from flat option names (dashes or underscores); unknown names are errors."""
+    known = {f.name: group for group, f, _ in option_fields()}
+    top: dict[str, Any] = {}
+    grouped: dict[str, dict[str, Any]] = {g: {} for g in GROUPS}
+    for raw_key, value in values.items():
+        key = raw_key.replace("-", "_")
+        if key not in known:
+            raise ConfigError(f"unknown option {raw_key!r}; see `sdlora train --help` for the list")
+        group = known[key]
+        (grouped[group] if group else top)[key] = value
+    try:
+        return TrainConfig(**top, data=DataConfig(**grouped["data"]), adapter=AdapterConfig(**grouped["adapter"]))
+    except TypeError as e:  # a wrong type slipped through (e.g. from TOML)
+        raise ConfigError(str(e)) from e
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    """Read a TOML config: flat keys with the flag names, optionally grouped in [dataset]/[adapter]/[train] tables
+    (`data` itself is the option naming the image folder, so its table is called `dataset`)."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    flat: dict[str, Any] = {}
+    types = {f.name: t for _, f, t in option_fields()}
+    for key, value in raw.items():
+        items = value.items() if isinstance(value, dict) and key in TOML_TABLES else [(key, value)]
+        for k, v in items:
+            name = k.replace("-", "_")
+            if name not in types:
+                raise ConfigError(f"{path}: unknown option {k!r}; see `sdlora train --help` for the list")
+            flat[name] = _check_type(path, k, v, types[name])
+    return flat
+
+
+def _check_type(path: Path, key: str, value: Any, tp: Any) -> Any:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    base = args[0] if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)) else tp
+    origin = typing.get_origin(base)
+    if origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{path}: {key} must be a list of strings, got {value!r}")
+        return value
+    if base is bool:
+        ok = isinstance(value, bool)
+    elif base is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif base is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif base is Path:
+        ok = isinstance(value, str)
+        value = Path(value) if ok else value
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        raise ConfigError(f"{path}: {key} must be of type {getattr(base, '__name__', base)}, got {value!r}")
+    return value
+
+
+def options_markdown() -> str:
+    """The README's option table, generated from the dataclasses (a test keeps the README in step)."""
+    rows = ["| flag / TOML key | default | meaning |", "|---|---|---|"]
+    for _, f, _ in option_fields():
+        default = default_of(f)
+        shown = "" if default in (None, "", []) else f"`{default}`"
+        choices = f.metadata.get("choices")
+        extra = f" One of: {', '.join(c for c in choices if c)}." if choices else ""
+        rows.append(f"| `--{f.name.replace('_', '-')}` | {shown} | {f.metadata['help']}{extra} |")
+    return "\n".join(rows)

@@ -1,0 +1,175 @@
+"""Scan a training folder: which images are usable, their captions, repeats and buckets, and why others are not.
+
+Folder conventions follow kohya's sd-scripts, so existing datasets work unchanged: a caption is
+`<stem>.txt` (or `<stem>.caption`) beside the image, and a folder named `N_name` repeats its images N
+times with `name` as the class token for uncaptioned images.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..errors import DataError
+from .buckets import Bucket, assign_bucket
+from .captions import split_tags, with_trigger
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CAPTION_EXTS = (".txt", ".caption")
+REPEATS_RE = re.compile(r"^(\d+)_(.+)$")
+
+
+@dataclass(frozen=True)
+class Item:
+    path: Path
+    caption: str  # with the trigger word, before per-use shuffling/dropout
+    repeats: int
+    size: tuple[int, int]  # (width, height) after EXIF orientation
+    bucket: Bucket
+    folder: str  # kohya's "<repeats>_<name>" key for tag frequency
+
+
+@dataclass
+class ScanReport:
+    root: Path
+    items: list[Item] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def samples_per_epoch(self) -> int:
+        return sum(i.repeats for i in self.items)
+
+    def buckets(self) -> Counter:
+        c: Counter = Counter()
+        for i in self.items:
+            c[i.bucket] += i.repeats
+        return c
+
+    def tag_frequency(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for i in self.items:
+            freq = out.setdefault(i.folder, {})
+            for tag in split_tags(i.caption):
+                freq[tag] = freq.get(tag, 0) + 1
+        return out
+
+    def summary(self, batch_size: int = 1, num_processes: int = 1) -> str:
+        lines = [f"dataset {self.root}: {len(self.items)} images used, {len(self.skipped)} skipped, "
+                 f"{self.samples_per_epoch} samples per epoch with repeats"]
+        folders = Counter()
+        for i in self.items:
+            folders[(i.folder, i.repeats)] += 1
+        for (folder, reps), n in sorted(folders.items()):
+            lines.append(f"  {folder}: {n} images x {reps} repeats")
+        for b, n in sorted(self.buckets().items()):
+            lines.append(f"  bucket {b.width}x{b.height}: {n} samples")
+        steps = sum(math.ceil(n / (batch_size * num_processes)) for n in self.buckets().values())
+        lines.append(f"  steps per epoch (batch {batch_size} x {num_processes} processes): {steps}")
+        return "\n".join(lines)
+
+
+def read_caption(image: Path) -> str | None:
+    """The caption beside an image, or None when it has none. Raises DataError for undecodable text."""
+    for ext in CAPTION_EXTS:
+        cap = image.with_suffix(ext)
+        if cap.is_file():
+            try:
+                text = cap.read_text(encoding="utf-8-sig")
+            except UnicodeDecodeError:
+                raise DataError(f"caption {cap.name} is not UTF-8 text; re-save it as UTF-8") from None
+            lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+            return lines[0] if lines else ""
+    return None
+
+
+def _folder_info(image: Path, root: Path) -> tuple[int, str, str]:
+    """(repeats, class token, folder key) from the nearest `N_name` folder at or above the image."""
+    folder = image.parent
+    while True:
+        m = REPEATS_RE.match(folder.name)
+        if m:
+            return int(m.group(1)), m.group(2).strip(), folder.name
+        if folder == root or root not in folder.parents:
+            break
+        folder = folder.parent
+    return 1, root.name.replace("_", " "), f"1_{root.name}"
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """Decode the whole image (so truncated files are caught now) and return its upright size."""
+    with Image.open(path) as img:
+        img.load()
+        w, h = img.size
+        orientation = img.getexif().get(0x0112, 1)
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def scan_folder(root: Path, *, resolution: int, bucket_step: int, bucket: bool = True, upscale: bool = False,
+                default_caption: str = "", trigger: str = "") -> ScanReport:
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"data folder not found: {root}")
+    if not root.is_dir():
+        raise DataError(f"--data must be a folder of images, but {root} is a file")
+    report = ScanReport(root)
+    uncaptioned: list[Path] = []
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    for path in files:
+        if path.suffix.lower() not in IMAGE_EXTS:
+            continue
+        try:
+            size = image_size(path)
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+            report.skipped.append((path, f"cannot be decoded as an image ({type(e).__name__}: {e})"))
+            continue
+        b = assign_bucket(*size, resolution, bucket_step, bucket=bucket, upscale=upscale)
+        if b is None:
+            report.skipped.append((path, f"too small ({size[0]}x{size[1]}): both sides must be at least {bucket_step} pixels"
+                                         " (or pass --upscale)"))
+            continue
+        try:
+            caption = read_caption(path)
+        except DataError as e:
+            report.skipped.append((path, str(e)))
+            continue
+        repeats, class_token, folder = _folder_info(path, root)
+        if caption is None:
+            uncaptioned.append(path)
+            caption = default_caption or class_token
+        report.items.append(Item(path, with_trigger(caption, trigger), repeats, size, b, folder))
+    for path, reason in report.skipped:
+        report.warnings.append(f"skipped {path}: {reason}")
+    if uncaptioned:
+        used = repr(default_caption) if default_caption else "the folder's class token"
+        names = ", ".join(p.name for p in uncaptioned[:3]) + (" ..." if len(uncaptioned) > 3 else "")
+        report.warnings.append(f"{len(uncaptioned)} image(s) have no caption file ({names}); using {used}")
+    if not report.items:
+        why = f"; {len(report.skipped)} file(s) skipped, see the warnings" if report.skipped else ""
+        raise DataError(f"no usable image in {root} (looked for {', '.join(IMAGE_EXTS)} recursively){why}")
+    return report
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Open an image upright, in 8-bit RGB, with transparency composited on white."""
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            # 16/32-bit greyscale: scale to 8 bits instead of clipping.
+            import numpy as np
+
+            arr = np.asarray(img, dtype=np.float64)
+            top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+            img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype("uint8"), "L")
+        if img.mode == "P":
+            img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode in ("RGB", "L") and "transparency" in img.info):
+            rgba = img.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(white, rgba)
+        return img.convert("RGB")

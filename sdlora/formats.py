@@ -1,0 +1,124 @@
+"""Pure conversions between peft/diffusers LoRA state and the kohya format that A1111, ComfyUI and Forge read.
+
+Facts (key names, SGM block numbering, metadata keys) are in docs/formats.md. Conversions never
+mutate their input and are total: a key that cannot be placed is an error listing the leftovers.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import torch
+
+from .errors import FormatError
+
+KOHYA_PREFIX = {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_2": "lora_te2"}
+SDXL_TE_PREFIX = {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
+_RESNET_SGM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+               "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_TOP_SGM = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+            "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
+            "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+
+
+def kohya_prefix(component: str, family: str) -> str:
+    if family == "sdxl" and component in SDXL_TE_PREFIX:
+        return SDXL_TE_PREFIX[component]
+    return KOHYA_PREFIX[component]
+
+
+def _layers(unet_config) -> int:
+    lpb = unet_config["layers_per_block"]
+    return lpb if isinstance(lpb, int) else lpb[0]
+
+
+def unet_sgm_path(path: str, unet_config) -> str:
+    """Map a diffusers UNet module path to the original SGM/LDM checkpoint's path."""
+    per = _layers(unet_config) + 1
+    for src, dst in _TOP_SGM.items():
+        if path == src or path.startswith(src + "."):
+            return dst + path[len(src):]
+    m = re.match(r"(down|up)_blocks\.(\d+)\.(attentions|resnets|downsamplers|upsamplers)\.(\d+)(\..+)?$", path)
+    if m:
+        kind, i, part, j, rest = m.group(1), int(m.group(2)), m.group(3), int(m.group(4)), m.group(5) or ""
+        if part == "resnets":
+            rest = _resnet_rest(rest)
+        if kind == "down":
+            if part == "downsamplers":
+                return f"input_blocks.{(i + 1) * per}.0.op" + rest.removeprefix(".conv")
+            return f"input_blocks.{1 + i * per + j}.{1 if part == 'attentions' else 0}{rest}"
+        if part == "upsamplers":
+            has_attn = "CrossAttn" in unet_config["up_block_types"][i]
+            return f"output_blocks.{i * per + per - 1}.{2 if has_attn else 1}{rest}"
+        return f"output_blocks.{i * per + j}.{1 if part == 'attentions' else 0}{rest}"
+    m = re.match(r"mid_block\.(attentions|resnets)\.(\d+)(\..+)?$", path)
+    if m:
+        part, j, rest = m.group(1), int(m.group(2)), m.group(3) or ""
+        if part == "resnets":
+            return f"middle_block.{2 * j}{_resnet_rest(rest)}"
+        return f"middle_block.1{rest}"
+    raise FormatError(f"no SGM name for UNet module {path!r}")
+
+
+def _resnet_rest(rest: str) -> str:
+    head, _, tail = rest.lstrip(".").partition(".")
+    if head in _RESNET_SGM:
+        return "." + _RESNET_SGM[head] + ("." + tail if tail else "")
+    return rest
+
+
+def canonical_path(component: str, path: str) -> str:
+    """Text-encoder paths are written as `text_model.<...>` whatever the transformers version nests."""
+    if component.startswith("text_encoder") and not path.startswith("text_model."):
+        return "text_model." + path
+    return path
+
+
+def kohya_module(component: str, path: str, family: str, unet_config=None) -> str:
+    """kohya's module name: prefix, then the module path with every '.' replaced by '_'."""
+    if component == "unet" and family == "sdxl":
+        path = unet_sgm_path(path, unet_config)
+    return f"{kohya_prefix(component, family)}_{canonical_path(component, path).replace('.', '_')}"
+
+
+def peft_to_kohya(states: dict[str, dict[str, torch.Tensor]], alphas: dict[str, float], family: str,
+                  unet_config=None) -> dict[str, torch.Tensor]:
+    """peft states per component ({'unet': {...}, 'text_encoder': {...}}) to one kohya state dict."""
+    out: dict[str, torch.Tensor] = {}
+    for component, state in states.items():
+        modules: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in state.items():
+            m = re.match(r"(.+)\.lora_([AB])\.weight$", key)
+            if not m:
+                raise FormatError(f"unexpected key {key!r} in the {component} LoRA state")
+            modules.setdefault(m.group(1), {})[m.group(2)] = tensor
+        for path, pair in modules.items():
+            if set(pair) != {"A", "B"}:
+                raise FormatError(f"{component} module {path!r} has only lora_{''.join(pair)}")
+            name = kohya_module(component, path, family, unet_config)
+            out[f"{name}.lora_down.weight"] = pair["A"].detach().clone()
+            out[f"{name}.lora_up.weight"] = pair["B"].detach().clone()
+            out[f"{name}.alpha"] = torch.tensor(float(alphas[component]), dtype=torch.float32)
+    return out
+
+
+def peft_to_diffusers(states: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """diffusers' layout: `<component>.<module path>.lora_A.weight`."""
+    return {f"{component}.{key}": t.detach().clone() for component, state in states.items() for key, t in state.items()}
+
+
+def diffusers_adapter_metadata(ranks: dict[str, int], alphas: dict[str, float], targets: dict[str, list[str]]) -> str:
+    """The `lora_adapter_metadata` header diffusers reads to rebuild each component's LoraConfig."""
+    meta = {}
+    for component in ranks:
+        meta[f"{component}.r"] = ranks[component]
+        meta[f"{component}.lora_alpha"] = alphas[component]
+        meta[f"{component}.target_modules"] = sorted(targets[component])
+    return json.dumps(meta, indent=2, sort_keys=True)
+
+
+def cast(tensors: dict[str, torch.Tensor], precision: str) -> dict[str, torch.Tensor]:
+    """Cast LoRA matrices to the save precision; alphas stay fp32 so the scale is exact."""
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+    return {k: (t if k.endswith(".alpha") else t.to(dtype)) for k, t in tensors.items()}

@@ -1,0 +1,83 @@
+"""Which modules get LoRA, and putting it there through peft.
+
+sdlora never defines a LoRA layer: peft does the maths. This module only names the targets
+(presets as regular expressions over module paths) and reports what was injected.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from .config import AdapterConfig
+from .errors import ConfigError
+
+ADAPTER = "default"
+
+_ATTN = r"attn[12]\.(to_q|to_k|to_v|to_out\.0)"
+_TRANSFORMER_EXTRA = r"attentions\.\d+\.(proj_in|proj_out)|ff\.net\.(0\.proj|2)"
+_CONV = r"resnets\.\d+\.(conv1|conv2|conv_shortcut|time_emb_proj)|(downsamplers|upsamplers)\.0\.conv"
+_TE_ATTN = r"self_attn\.(q_proj|k_proj|v_proj|out_proj)"
+_TE_MLP = r"mlp\.(fc1|fc2)"
+
+UNET_TARGETS = {
+    "attn": _ATTN,
+    "attn-mlp": f"{_ATTN}|{_TRANSFORMER_EXTRA}",
+    "full": f"{_ATTN}|{_TRANSFORMER_EXTRA}|{_CONV}",
+}
+TEXT_TARGETS = {"attn": _TE_ATTN, "attn-mlp": f"{_TE_ATTN}|{_TE_MLP}", "full": f"{_TE_ATTN}|{_TE_MLP}"}
+
+
+def target_regex(preset: str, component: str) -> str:
+    table = UNET_TARGETS if component == "unet" else TEXT_TARGETS
+    if preset not in table:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(table)}")
+    return rf".*\.({table[preset]})"
+
+
+def targeted_modules(model: torch.nn.Module, preset: str, component: str) -> list[str]:
+    """Paths of the Linear/Conv2d modules a preset puts LoRA on (what peft will match)."""
+    pattern = re.compile(target_regex(preset, component))
+    return [name for name, m in model.named_modules()
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and pattern.fullmatch(name)]
+
+
+def peft_config(cfg: AdapterConfig, component: str):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.dropout,
+        target_modules=target_regex(cfg.preset, component), init_lora_weights=True,
+    )
+
+
+def inject(model: torch.nn.Module, cfg: AdapterConfig, component: str) -> list[str]:
+    """Freeze `model` and add a LoRA adapter; returns the targeted module paths."""
+    targets = targeted_modules(model, cfg.preset, component)
+    if not targets:
+        raise ConfigError(f"preset {cfg.preset!r} matches no module of the {component}; this base is not supported")
+    model.requires_grad_(False)
+    model.add_adapter(peft_config(cfg, component), adapter_name=ADAPTER)
+    return targets
+
+
+def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The trainable LoRA parameters, as a list (an iterator would be used up by the optimizer)."""
+    return [p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
+
+
+def lora_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """peft-layout state: `<module path>.lora_A.weight` / `.lora_B.weight`."""
+    from peft.utils import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(model, adapter_name=ADAPTER)
+
+
+def set_lora_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    from peft.utils import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(model, state, adapter_name=ADAPTER)
+    unexpected = getattr(result, "unexpected_keys", None) or []
+    if unexpected:
+        raise ConfigError(f"state does not fit the adapter: unexpected keys {unexpected[:3]}")

@@ -1,0 +1,313 @@
+"""Load a base model and say what it is.
+
+A base is a diffusers folder, a single-file checkpoint (`.safetensors`, as A1111 and Civitai ship
+them), a Hugging Face Hub id, or a built-in: `tiny-sd` and `tiny-sdxl` are tiny, seeded, randomly
+initialised models of the real SD 1.x / SDXL classes, for tests. The family (sd1, sd2, sdxl) and
+prediction type (epsilon, v_prediction) are detected here and used everywhere else.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import ModelError
+
+FAMILIES = ("sd1", "sd2", "sdxl")
+BUILTINS = ("tiny-sd", "tiny-sdxl")
+
+
+@dataclass
+class Base:
+    """The separate components of a Stable Diffusion model, plus what kind it is."""
+
+    name: str
+    family: str
+    prediction_type: str
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoders: list
+    tokenizers: list
+    scheduler: object  # the sampling scheduler; training derives a DDPM scheduler from its config
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.family == "sdxl"
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def noise_scheduler(self):
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler.from_config(self.scheduler.config, prediction_type=self.prediction_type)
+
+    def pipeline(self, scheduler=None):
+        """A diffusers pipeline sharing this base's modules (no copies)."""
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        sched = scheduler if scheduler is not None else self.scheduler
+        if self.is_sdxl:
+            pipe = StableDiffusionXLPipeline(
+                vae=self.vae, text_encoder=self.text_encoders[0], text_encoder_2=self.text_encoders[1],
+                tokenizer=self.tokenizers[0], tokenizer_2=self.tokenizers[1], unet=self.unet, scheduler=sched,
+            )
+        else:
+            pipe = StableDiffusionPipeline(
+                vae=self.vae, text_encoder=self.text_encoders[0], tokenizer=self.tokenizers[0], unet=self.unet,
+                scheduler=sched, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        out = {"unet": self.unet, "vae": self.vae}
+        for i, te in enumerate(self.text_encoders):
+            out["text_encoder" if i == 0 else f"text_encoder_{i + 1}"] = te
+        return out
+
+
+def load_base(spec: str, *, prediction_type: str | None = None, seed: int = 0) -> Base:
+    """Load the base named by `spec`: a built-in, a diffusers folder, a .safetensors file or a Hub id."""
+    spec = str(spec)
+    if spec in BUILTINS:
+        base = build_tiny(spec, seed=seed)
+    else:
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            base = _load_folder(path)
+        elif path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
+            raise ModelError(
+                f"{path}: {path.suffix} checkpoints are pickled and can run code when loaded; sdlora only reads "
+                ".safetensors. Convert it with a trusted tool, or download the .safetensors version."
+            )
+        elif path.suffix.lower() == ".safetensors":
+            if not path.is_file():
+                raise ModelError(f"base model file not found: {path}")
+            base = _load_single_file(path)
+        elif _looks_like_hub_id(spec) and not path.exists():
+            base = _load_hub(spec)
+        else:
+            raise ModelError(
+                f"base model {spec!r} not found: give a diffusers folder (with model_index.json), a .safetensors "
+                f"checkpoint, a Hub id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5', or one of {', '.join(BUILTINS)}"
+            )
+    if prediction_type:
+        base.prediction_type = prediction_type
+    return base
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
+
+
+# ---------------------------------------------------------------- built-in tiny models
+
+
+def _byte_vocab() -> dict[str, int]:
+    """A character-level CLIP BPE vocabulary: every byte, with and without the end-of-word mark."""
+    chars = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = chars[:], 0
+    for b in range(256):
+        if b not in chars:
+            cs.append(256 + n)
+            n += 1
+    symbols = [chr(c) for c in cs]
+    vocab = {}
+    for s in symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]:
+        vocab[s] = len(vocab)
+    return vocab
+
+
+def tiny_tokenizer():
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer(vocab=_byte_vocab(), merges=[], model_max_length=77)
+
+
+def _clip_config(hidden: int, projection: int = 32):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(_byte_vocab()), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=projection, hidden_act="quick_gelu",
+        bos_token_id=len(_byte_vocab()) - 2, eos_token_id=len(_byte_vocab()) - 1, pad_token_id=len(_byte_vocab()) - 1,
+    )
+
+
+def _tiny_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1, norm_num_groups=8, sample_size=64,
+    )
+
+
+def _tiny_scheduler():
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        prediction_type="epsilon", timestep_spacing="leading", steps_offset=1,
+    )
+
+
+def build_tiny(name: str, seed: int = 0) -> Base:
+    """Build `tiny-sd` or `tiny-sdxl`: the real classes at a tiny size, identical for the same seed."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        vae = _tiny_vae()
+        if name == "tiny-sd":
+            unet = UNet2DConditionModel(
+                sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
+                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                cross_attention_dim=32, attention_head_dim=4, norm_num_groups=16,
+            )
+            text_encoders = [CLIPTextModel(_clip_config(32))]
+            tokenizers = [tiny_tokenizer()]
+        elif name == "tiny-sdxl":
+            unet = UNet2DConditionModel(
+                sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), use_linear_projection=True,
+                addition_embed_type="text_time", addition_time_embed_dim=8,
+                projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=64, norm_num_groups=16,
+            )
+            text_encoders = [CLIPTextModel(_clip_config(32)), CLIPTextModelWithProjection(_clip_config(32, 32))]
+            tokenizers = [tiny_tokenizer(), tiny_tokenizer()]
+        else:  # pragma: no cover - guarded by load_base
+            raise ModelError(f"unknown built-in {name!r}; choose one of {', '.join(BUILTINS)}")
+    finally:
+        torch.random.set_rng_state(gen_state)
+    family = "sdxl" if name == "tiny-sdxl" else "sd1"
+    base = Base(name, family, "epsilon", unet, vae, text_encoders, tokenizers, _tiny_scheduler())
+    for m in base.modules().values():
+        m.eval()
+    return base
+
+
+# ---------------------------------------------------------------- user models
+
+
+def _from_pipeline(name: str, pipe, family: str) -> Base:
+    tes = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])
+    toks = [pipe.tokenizer] + ([pipe.tokenizer_2] if family == "sdxl" else [])
+    pred = pipe.scheduler.config.get("prediction_type", "epsilon")
+    base = Base(name, family, pred, pipe.unet, pipe.vae, tes, toks, pipe.scheduler)
+    for m in base.modules().values():
+        m.eval()
+    return base
+
+
+def _folder_family(path: Path) -> str:
+    index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+    if "text_encoder_2" in index and index.get("text_encoder") not in (None, [None, None]):
+        return "sdxl"
+    unet_cfg = path / "unet" / "config.json"
+    if unet_cfg.is_file():
+        cross = json.loads(unet_cfg.read_text(encoding="utf-8")).get("cross_attention_dim")
+        if cross == 1024:
+            return "sd2"
+        if cross == 2048:
+            return "sdxl"
+    return "sd1"
+
+
+def _load_folder(path: Path) -> Base:
+    if not (path / "model_index.json").is_file():
+        raise ModelError(f"{path} is a folder but not a diffusers model (no model_index.json)")
+    family = _folder_family(path)
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    try:
+        if family == "sdxl":
+            pipe = StableDiffusionXLPipeline.from_pretrained(path, use_safetensors=True)
+        else:
+            pipe = StableDiffusionPipeline.from_pretrained(
+                path, use_safetensors=True, safety_checker=None, requires_safety_checker=False
+            )
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path}: cannot load the diffusers model: {e}") from e
+    return _from_pipeline(path.name, pipe, family)
+
+
+def checkpoint_family(keys) -> str:
+    """Family of an original-layout (LDM/SGM) single-file checkpoint, from its tensor names."""
+    keys = list(keys)
+    if any(k.startswith("conditioner.embedders.1.") for k in keys):
+        return "sdxl"
+    if any(k.startswith("conditioner.embedders.0.model.") for k in keys):
+        raise ModelError("this looks like the SDXL refiner, which is not supported as a training base")
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        return "sd2"
+    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
+        return "sd1"
+    raise ModelError(
+        "not a Stable Diffusion checkpoint: found none of the text-encoder keys of SD 1.x "
+        "(cond_stage_model.transformer.*), SD 2.x (cond_stage_model.model.*) or SDXL (conditioner.embedders.*)"
+    )
+
+
+def _load_single_file(path: Path) -> Base:
+    from safetensors import safe_open
+
+    from .safefiles import check_safetensors
+
+    check_safetensors(path)
+    with safe_open(str(path), "pt") as f:
+        keys = list(f.keys())
+    try:
+        family = checkpoint_family(keys)
+    except ModelError as e:
+        raise ModelError(f"{path}: {e}") from None
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    try:
+        if family == "sdxl":
+            pipe = StableDiffusionXLPipeline.from_single_file(str(path))
+        else:
+            pipe = StableDiffusionPipeline.from_single_file(
+                str(path), safety_checker=None, requires_safety_checker=False
+            )
+    except Exception as e:  # diffusers raises many kinds here; all mean "cannot use this file"
+        raise ModelError(
+            f"{path}: detected {family}, but diffusers could not build the pipeline: {e}. Single-file loading "
+            "needs the model's configuration from the Hugging Face cache or the Hub; offline, convert the file to "
+            "a diffusers folder on a connected machine and pass that folder."
+        ) from e
+    return _from_pipeline(path.stem, pipe, family)
+
+
+def _load_hub(repo: str) -> Base:
+    from diffusers import DiffusionPipeline
+
+    try:
+        index = DiffusionPipeline.load_config(repo)
+    except Exception as e:
+        raise ModelError(
+            f"Hub model {repo!r} is not in the local Hugging Face cache and could not be downloaded ({type(e).__name__}). "
+            f"On a connected machine run `hf download {repo}` (it fills the cache), or pass a local diffusers "
+            "folder or .safetensors checkpoint with --base."
+        ) from e
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo, allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"]))
+    except Exception as e:
+        raise ModelError(f"Hub model {repo!r}: download failed: {e}") from e
+    del index
+    return _load_folder(folder)

@@ -1,0 +1,133 @@
+"""Safe, validated reading and atomic writing of safetensors files (adapters and training state).
+
+Only `.safetensors` is ever read from a user, and its header is checked before any tensor is
+touched, so a malformed or hostile file gives one clear error instead of a crash or a blow-up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import FormatError
+
+MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2", "U16", "U32", "U64"}
+PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
+
+
+def check_safetensors(path: Path) -> dict:
+    """Validate a safetensors file's framing and header; return the header (without metadata)."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise FormatError(
+            f"{path}: only .safetensors files are read; {path.suffix or 'this'} files may be pickled and can run "
+            "code when loaded. Ask for the .safetensors version, or convert it with a trusted tool."
+        )
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if size < 8 or len(head) < 8:
+                raise FormatError(f"{path}: not a safetensors file (only {size} bytes)")
+            if head.startswith(PICKLE_MAGIC):
+                raise FormatError(
+                    f"{path}: this is a pickled PyTorch file renamed to .safetensors; it is refused because "
+                    "unpickling can run code. Get the real .safetensors version."
+                )
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER or n + 8 > size:
+                raise FormatError(f"{path}: corrupt or truncated safetensors file (header length {n}, file size {size})")
+            raw = f.read(n)
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: corrupt safetensors header (invalid JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: corrupt safetensors header (not a JSON object)")
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise FormatError(f"{path}: corrupt safetensors metadata (values must be strings)")
+    data_len = size - 8 - n
+    spans = []
+    for key, info in header.items():
+        if not isinstance(info, dict) or {"dtype", "shape", "data_offsets"} - info.keys():
+            raise FormatError(f"{path}: corrupt entry for tensor {key!r}")
+        if info["dtype"] not in DTYPES:
+            raise FormatError(f"{path}: tensor {key!r} has unknown dtype {info['dtype']!r}")
+        start, end = info["data_offsets"]
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= data_len):
+            raise FormatError(f"{path}: tensor {key!r} points outside the file (offsets {start}..{end}, data {data_len} bytes)")
+        spans.append((start, end, key))
+    spans.sort()
+    for (_s0, e0, k0), (s1, _e1, k1) in zip(spans, spans[1:], strict=False):
+        if s1 < e0:
+            raise FormatError(f"{path}: tensors {k0!r} and {k1!r} overlap; the file is corrupt")
+    return header
+
+
+def read_safetensors(path: Path, *, check_finite: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load tensors and metadata after validating the file; refuse NaN or Inf values."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    check_safetensors(path)
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, RuntimeError, ValueError) as e:
+        raise FormatError(f"{path}: cannot read tensors: {e}") from None
+    if check_finite:
+        for k, t in tensors.items():
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise FormatError(f"{path}: tensor {k!r} contains NaN or Inf values; the file is broken")
+    return tensors, dict(meta)
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    check_safetensors(path)
+    with safe_open(str(path), "pt") as f:
+        return dict(f.metadata() or {})
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write bytes via a temp file in the same folder and os.replace, so no reader sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save
+
+    clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write_bytes(path, save(clean, metadata=metadata or {}))
+
+
+def atomic_save_image(image, path: Path, **kwargs) -> None:
+    """Save a PIL image atomically (format from the suffix)."""
+    import io
+
+    buf = io.BytesIO()
+    fmt = Path(path).suffix.lstrip(".").upper().replace("JPG", "JPEG") or "PNG"
+    image.save(buf, format=fmt, **kwargs)
+    atomic_write_bytes(path, buf.getvalue())

@@ -1,0 +1,79 @@
+"""Resumable training state in safetensors (no pickle): LoRA weights, optimizer moments, schedule, step."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from .errors import FormatError
+from .safefiles import read_safetensors, write_safetensors
+
+STATE_RE = re.compile(r"^(?P<name>.+)-step(?P<step>\d{6,})\.state\.safetensors$")
+
+
+def state_path(output_dir: Path, name: str, step: int) -> Path:
+    return Path(output_dir) / "state" / f"{name}-step{step:06d}.state.safetensors"
+
+
+def latest_state(output_dir: Path, name: str) -> Path | None:
+    folder = Path(output_dir) / "state"
+    found = []
+    for p in folder.glob("*.state.safetensors") if folder.is_dir() else []:
+        m = STATE_RE.match(p.name)
+        if m and m.group("name") == name:
+            found.append((int(m.group("step")), p))
+    return max(found)[1] if found else None
+
+
+def save_state(path: Path, *, step: int, lora: dict[str, dict[str, torch.Tensor]], optimizer, scheduler,
+               extra: dict) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    for component, state in lora.items():
+        for k, v in state.items():
+            tensors[f"lora.{component}.{k}"] = v.float()
+    opt = optimizer.state_dict()
+    scalars: dict[str, dict] = {}
+    for pid, pstate in opt["state"].items():
+        for k, v in pstate.items():
+            if torch.is_tensor(v):
+                tensors[f"optim.{pid}.{k}"] = v
+            else:
+                scalars.setdefault(str(pid), {})[k] = v
+    meta = {
+        "step": str(step),
+        "param_groups": json.dumps(opt["param_groups"]),
+        "optim_scalars": json.dumps(scalars),
+        "scheduler": json.dumps(scheduler.state_dict()),
+        "extra": json.dumps(extra),
+    }
+    write_safetensors(path, tensors, meta)
+
+
+def load_state(path: Path) -> dict:
+    """Read a state file into {'step', 'lora', 'optimizer', 'scheduler', 'extra'}."""
+    tensors, meta = read_safetensors(Path(path), check_finite=False)
+    try:
+        step = int(meta["step"])
+        groups = json.loads(meta["param_groups"])
+        scalars = json.loads(meta["optim_scalars"])
+        sched = json.loads(meta["scheduler"])
+        extra = json.loads(meta["extra"])
+    except (KeyError, ValueError) as e:
+        raise FormatError(f"{path}: not an sdlora training state ({e})") from None
+    lora: dict[str, dict[str, torch.Tensor]] = {}
+    opt_state: dict[int, dict] = {}
+    for key, t in tensors.items():
+        kind, rest = key.split(".", 1)
+        if kind == "lora":
+            component, k = rest.split(".", 1)
+            lora.setdefault(component, {})[k] = t
+        elif kind == "optim":
+            pid, k = rest.split(".", 1)
+            opt_state.setdefault(int(pid), {})[k] = t
+    for pid, vals in scalars.items():
+        opt_state.setdefault(int(pid), {}).update(vals)
+    return {"step": step, "lora": lora, "optimizer": {"state": opt_state, "param_groups": groups},
+            "scheduler": sched, "extra": extra}

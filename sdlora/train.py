@@ -1,0 +1,500 @@
+"""The training loop: scan the data, load and freeze the base, add LoRA, then noise → predict → loss → step.
+
+Read top to bottom: `train()` is the story; caching, SDXL conditioning, sampling, saving and
+resuming are named helpers below it. Randomness per image use comes from `dataset.seeded`, so
+a resumed or multi-process run sees exactly the noise and timesteps a single uninterrupted run sees.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import lora
+from .adapters import adapter_bytes, write_adapter
+from .config import TrainConfig
+from .data import scan_folder
+from .data.dataset import EpochPlan, Slot, TrainDataset, collate, latent_cache_key, seeded, to_training_image
+from .errors import ConfigError, MissingDependencyError
+from .logs import plot_loss, read_csv, write_csv
+from .metadata import training_metadata
+from .models import Base, load_base
+from .safefiles import atomic_save_image, atomic_write_bytes, read_safetensors, write_safetensors
+from .state import latest_state, load_state, save_state, state_path
+
+log = logging.getLogger("sdlora")
+COMPONENT_NAMES = ("text_encoder", "text_encoder_2")
+
+
+@dataclass
+class TrainResult:
+    adapter: Path
+    name: str
+    steps: int
+    trainable_params: int
+    base_params: int
+    adapter_bytes: int
+    seconds: float
+    losses: list[float]
+    samples: list[Path]
+
+    def summary(self) -> str:
+        pct = 100.0 * self.trainable_params / max(1, self.base_params)
+        return (f"saved {self.adapter} ({self.adapter_bytes / 1e6:.2f} MB) after {self.steps} steps in "
+                f"{self.seconds:.1f}s; trainable parameters {self.trainable_params:,} ({pct:.3f}% of the base's "
+                f"{self.base_params:,})")
+
+
+def train(cfg: TrainConfig, *, progress: bool = False) -> TrainResult:
+    started = time.time()
+    accelerator = _accelerator(cfg)
+    main = accelerator.is_main_process
+
+    # 1. The data, checked before any model is loaded.
+    if cfg.data.data is None:
+        raise ConfigError("no training data: pass --data FOLDER (or `data = \"...\"` in the config file)")
+    report = scan_folder(cfg.data.data, resolution=cfg.data.resolution, bucket_step=cfg.data.bucket_step,
+                         bucket=cfg.data.bucket, upscale=cfg.data.upscale, default_caption=cfg.data.default_caption,
+                         trigger=cfg.data.trigger)
+    name = adapter_name(cfg)
+    out = Path(cfg.output_dir)
+    final_path = out / f"{name}.safetensors"
+    resume_from = _resume_path(cfg, out, name)
+    if final_path.exists() and resume_from is None and not cfg.overwrite:
+        raise ConfigError(f"{final_path} already exists; pass another --name or --output-dir, --resume latest, "
+                          "or --overwrite to replace it")
+    if main:
+        for w in report.warnings:
+            log.warning(w)
+        log.info(report.summary(cfg.batch_size, accelerator.num_processes))
+    optimizer_cls = _optimizer_class(cfg.optimizer)
+
+    # 2. The base, frozen; LoRA on the UNet and optionally the text encoders.
+    torch.manual_seed(cfg.seed)
+    base = load_base(cfg.base, seed=cfg.seed, prediction_type=cfg.prediction_type or None)
+    device = accelerator.device
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    base_params = sum(p.numel() for m in [base.unet, *base.text_encoders] for p in m.parameters())
+    for m in base.modules().values():
+        m.requires_grad_(False)
+    targets = {"unet": lora.inject(base.unet, cfg.adapter, "unet")}
+    trained_tes = list(range(len(base.text_encoders))) if cfg.adapter.train_text_encoder else []
+    for i in trained_tes:
+        targets[COMPONENT_NAMES[i]] = lora.inject(base.text_encoders[i], cfg.adapter, "text_encoder")
+    for m in [base.unet, *base.text_encoders]:
+        m.to(device) if weight_dtype == torch.float32 else m.to(device, dtype=weight_dtype)
+    base.vae.to(device)  # kept in fp32: fp16 VAEs overflow (notably SDXL's), and it only encodes
+    unet_params = lora.lora_parameters(base.unet)
+    te_params = [p for i in trained_tes for p in lora.lora_parameters(base.text_encoders[i])]
+    for p in unet_params + te_params:
+        p.data = p.data.float()  # trainable LoRA weights stay fp32 under mixed precision
+    if cfg.gradient_checkpointing:
+        base.unet.enable_gradient_checkpointing()
+        for i in trained_tes:
+            base.text_encoders[i].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    # 3. Dataset, epoch plan and caches.
+    dataset = TrainDataset(report.items, cfg.data, cfg.seed)
+    plan = EpochPlan(report.items, cfg.batch_size, accelerator.num_processes, cfg.seed)
+    if cfg.cache_latents and not cfg.data.augments_images:
+        dataset.latents = _cache_latents(dataset, base, cfg, accelerator)
+    text_cache = None
+    if cfg.cache_text and not trained_tes and not cfg.data.varies_captions:
+        captions = sorted({dataset.caption(Slot(i, 0, 0)) for i in range(len(report.items))})
+        with torch.no_grad():
+            text_cache = {c: tuple(None if t is None else t[0] for t in _encode_text(base, base.text_encoders, [c], device))
+                          for c in captions}
+    _release_encoders(base, dataset.latents is not None, text_cache is not None, bool(cfg.sample_prompt))
+
+    # 4. Optimizer and schedule.
+    groups = [{"params": unet_params, "lr": cfg.lr}]
+    if te_params:
+        groups.append({"params": te_params, "lr": cfg.text_encoder_lr if cfg.text_encoder_lr is not None else cfg.lr})
+    optimizer = optimizer_cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    micro_per_epoch = plan.batches_per_epoch
+    total_steps = cfg.steps or math.ceil(cfg.epochs * micro_per_epoch / cfg.grad_accum)
+    from diffusers.optimization import get_scheduler
+
+    scheduler = get_scheduler(cfg.lr_scheduler if cfg.lr_scheduler != "constant" or not cfg.warmup_steps
+                              else "constant_with_warmup", optimizer, num_warmup_steps=cfg.warmup_steps,
+                              num_training_steps=total_steps)
+    models = [base.unet] + [base.text_encoders[i] for i in trained_tes]
+    prepared = accelerator.prepare(*models, optimizer)
+    unet, optimizer = prepared[0], prepared[-1]
+    text_encoders = list(base.text_encoders)
+    for i, m in zip(trained_tes, prepared[1:-1], strict=True):
+        text_encoders[i] = m
+    noise_scheduler = base.noise_scheduler()
+
+    # 5. Resume.
+    step, rows = 0, []
+    if resume_from is not None:
+        step = _resume(resume_from, cfg, base, trained_tes, optimizer, scheduler)
+        rows = read_csv(out / "logs" / "loss.csv", step)
+        if main:
+            log.info(f"resumed from {resume_from} at step {step}")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in _flat_config(cfg).items()}
+        accelerator.init_trackers("tensorboard", config=hparams)
+    trainable = sum(p.numel() for p in unet_params + te_params)
+
+    # 6. The loop.
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, initial=step, disable=not (progress and main), unit="step", dynamic_ncols=True)
+    micro = step * cfg.grad_accum
+    accum_losses: list[torch.Tensor] = []
+    samples: list[Path] = []
+    for m in models:
+        m.train()
+    while step < total_steps:
+        epoch, pos = divmod(micro, micro_per_epoch)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=plan.local_batches(epoch, accelerator.process_index)[pos:],
+                                             collate_fn=collate, num_workers=cfg.num_workers)
+        for batch in loader:
+            torch.manual_seed(seeded(cfg.seed, "step", micro, accelerator.process_index))  # LoRA dropout
+            with accelerator.accumulate(*prepared[:-1]):
+                loss = _batch_loss(batch, base, unet, text_encoders, noise_scheduler, cfg, device, weight_dtype,
+                                   text_cache, bool(trained_tes))
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(unet_params + te_params, cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro += 1
+            accum_losses.append(loss.detach())
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            step += 1
+            step_loss = accelerator.reduce(torch.stack(accum_losses).mean(), "mean").item()
+            accum_losses.clear()
+            lr = scheduler.get_last_lr()[0]
+            rows.append((step, step_loss, lr))
+            if main:
+                accelerator.log({"loss": step_loss, "lr": lr}, step=step)
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+            if cfg.sample_prompt and cfg.sample_every and step % cfg.sample_every == 0 and step < total_steps:
+                samples += _write_samples(base, cfg, out, name, step, accelerator)
+            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+                _checkpoint(cfg, base, trained_tes, targets, report, name, step, epoch, started, optimizer, scheduler,
+                            rows, accelerator)
+            if step >= total_steps:
+                break
+    bar.close()
+
+    # 7. Final samples, adapter, logs.
+    if cfg.sample_prompt:
+        samples += _write_samples(base, cfg, out, name, step, accelerator)
+    blob = _adapter_blob(cfg, base, trained_tes, targets, report, name, step, epoch, started, samples)
+    if main:
+        write_adapter(final_path, blob)
+        _write_sidecars(final_path, cfg, base, samples)
+        write_csv(out / "logs" / "loss.csv", rows)
+        plot_loss(out / "loss.png", rows)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return TrainResult(final_path, name, step, trainable, base_params, len(blob), time.time() - started,
+                       [r[1] for r in rows], samples)
+
+
+# ---------------------------------------------------------------- set-up helpers
+
+
+def adapter_name(cfg: TrainConfig) -> str:
+    name = cfg.name or (Path(cfg.data.data).resolve().name if cfg.data.data else "lora")
+    if not re.fullmatch(r"[\w.\- ]+", name) or name.startswith("."):
+        raise ConfigError(f"adapter name {name!r} must be letters, digits, spaces, '.', '-' or '_' (pass --name)")
+    return name
+
+
+def _accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    mixed = cfg.mixed_precision if torch.cuda.is_available() else "no"
+    if mixed != cfg.mixed_precision:
+        log.info(f"mixed precision {cfg.mixed_precision} needs CUDA; training in fp32 on the CPU")
+    logs = Path(cfg.output_dir) / "logs"
+    # cpu=True on a machine without CUDA is what makes accelerate use gloo under torchrun.
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed,
+                       gradient_accumulation_steps=cfg.grad_accum, log_with="tensorboard",
+                       project_config=ProjectConfiguration(project_dir=str(cfg.output_dir), logging_dir=str(logs)))
+
+
+def _optimizer_class(name: str):
+    if name == "adamw":
+        return torch.optim.AdamW
+    if name == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise MissingDependencyError("--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes "
+                                         "(CUDA only)") from None
+        return bnb.optim.AdamW8bit
+    try:
+        from prodigyopt import Prodigy
+    except ImportError:
+        raise MissingDependencyError("--optimizer prodigy needs prodigyopt: pip install prodigyopt "
+                                     "(and use --lr 1, as Prodigy sets the step size itself)") from None
+    return Prodigy
+
+
+def _resume_path(cfg: TrainConfig, out: Path, name: str) -> Path | None:
+    if not cfg.resume:
+        return None
+    if cfg.resume == "latest":
+        path = latest_state(out, name)
+        if path is None:
+            raise ConfigError(f"--resume latest: no saved state for {name!r} in {out / 'state'} (use --save-every N)")
+        return path
+    path = Path(cfg.resume)
+    if not path.is_file():
+        raise ConfigError(f"--resume: state file not found: {path}")
+    return path
+
+
+RESUME_KEYS = ("base", "seed", "batch_size", "grad_accum", "rank", "alpha", "preset", "train_text_encoder",
+               "resolution", "lr", "lr_scheduler", "optimizer")
+
+
+def _resume(path: Path, cfg: TrainConfig, base: Base, trained_tes, optimizer, scheduler) -> int:
+    state = load_state(path)
+    flat = _flat_config(cfg)
+    saved = state["extra"].get("config", {})
+    changed = [k for k in RESUME_KEYS if k in saved and saved[k] != flat.get(k)]
+    if changed:
+        k = changed[0]
+        raise ConfigError(f"cannot resume from {path}: {k} was {saved[k]!r} and is now {flat.get(k)!r}")
+    lora.set_lora_state(base.unet, state["lora"]["unet"])
+    for i in trained_tes:
+        lora.set_lora_state(base.text_encoders[i], state["lora"][COMPONENT_NAMES[i]])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state["step"]
+
+
+def _flat_config(cfg: TrainConfig) -> dict:
+    d = asdict(cfg)
+    flat = {k: v for k, v in d.items() if k not in ("data", "adapter")}
+    flat.update(d["data"])
+    flat.update(d["adapter"])
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in flat.items() if not isinstance(v, list) or v}
+
+
+def _vae_fingerprint(vae) -> str:
+    import hashlib
+
+    w = vae.encoder.conv_in.weight.detach().float().cpu().numpy().tobytes()
+    return hashlib.sha1(w).hexdigest()[:16]
+
+
+@torch.no_grad()
+def _cache_latents(dataset: TrainDataset, base: Base, cfg: TrainConfig, accelerator) -> dict[int, torch.Tensor]:
+    """Encode every image once (deterministic crop, no flip). On disk with --cache-dir, keyed by file and setting."""
+    import random
+
+    fingerprint = _vae_fingerprint(base.vae)
+    cache: dict[int, torch.Tensor] = {}
+    for idx, item in enumerate(dataset.items):
+        file = None
+        if cfg.cache_dir is not None:
+            key = latent_cache_key(item, cfg.data, f"{fingerprint}-{cfg.seed}")
+            file = Path(cfg.cache_dir) / f"{key}.safetensors"
+            if file.is_file():
+                cache[idx] = read_safetensors(file)[0]["latents"]
+                continue
+        pixels, _ = to_training_image(item, cfg.data, random.Random(0))
+        dist = base.vae.encode(pixels[None].to(accelerator.device, torch.float32)).latent_dist
+        cache[idx] = _sample_latents(dist, [seeded(cfg.seed, "latent", idx)], base)[0].cpu()
+        if file is not None and accelerator.is_main_process:
+            write_safetensors(file, {"latents": cache[idx]})
+    return cache
+
+
+def _release_encoders(base: Base, latents_cached: bool, text_cached: bool, sampling: bool) -> None:
+    """Once everything is cached, the VAE and text encoders leave the accelerator (or memory, if no sampling)."""
+    import gc
+
+    if latents_cached:
+        if sampling:
+            base.vae.to("cpu")
+        else:
+            base.vae = None
+    if text_cached:
+        for te in base.text_encoders:
+            te.to("cpu")
+        if not sampling:
+            base.text_encoders = [None] * len(base.text_encoders)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------- the step
+
+
+def _sample_latents(dist, seeds: list[int], base: Base) -> torch.Tensor:
+    mean, std = dist.mean, dist.std
+    eps = torch.stack([torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds])
+    return (mean + std * eps.to(mean.device, mean.dtype)) * base.vae.config.scaling_factor
+
+
+def _encode_text(base: Base, text_encoders, captions: list[str], device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Prompt embeddings as the pipelines make them: SD1/2 last hidden state; SDXL both encoders' penultimate
+    layers concatenated, and the second encoder's pooled projection."""
+    hidden, pooled = [], None
+    for tok, te in zip(base.tokenizers, text_encoders, strict=True):
+        ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids.to(device)
+        if base.is_sdxl:
+            outputs = te(ids, output_hidden_states=True)
+            hidden.append(outputs.hidden_states[-2])
+            pooled = outputs[0]
+        else:
+            hidden.append(te(ids)[0])
+    return torch.cat(hidden, dim=-1), pooled
+
+
+def _batch_loss(batch, base: Base, unet, text_encoders, noise_scheduler, cfg: TrainConfig, device, weight_dtype,
+                text_cache, train_text: bool) -> torch.Tensor:
+    slots = batch["slot"].tolist()
+    if "latents" in batch:
+        latents = batch["latents"].to(device, torch.float32)
+    else:
+        with torch.no_grad():
+            dist = base.vae.encode(batch["pixels"].to(device, torch.float32)).latent_dist
+            latents = _sample_latents(dist, [seeded(cfg.seed, "latent-slot", s) for s in slots], base)
+    noise, timesteps = _noise_and_timesteps(latents, slots, cfg, noise_scheduler.config.num_train_timesteps)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+
+    if text_cache is not None:
+        hidden = torch.stack([text_cache[c][0] for c in batch["caption"]]).to(device)
+        pooled = torch.stack([text_cache[c][1] for c in batch["caption"]]).to(device) if base.is_sdxl else None
+    else:
+        ctx = contextlib.nullcontext() if train_text else torch.no_grad()
+        with ctx:
+            hidden, pooled = _encode_text(base, text_encoders, batch["caption"], device)
+    added = None
+    if base.is_sdxl:
+        time_ids = torch.cat([batch["original_size"], batch["crop_top_left"], batch["target_size"]], dim=1)
+        added = {"text_embeds": pooled.to(weight_dtype), "time_ids": time_ids.to(device, weight_dtype)}
+
+    pred = unet(noisy.to(weight_dtype), timesteps, hidden.to(weight_dtype), added_cond_kwargs=added).sample
+    if base.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if cfg.min_snr_gamma:
+        # Min-SNR weighting, Hang et al. 2023 (arXiv 2303.09556), §3.4: w = min(SNR, γ)/SNR for ε-prediction,
+        # min(SNR, γ)/(SNR + 1) for v-prediction.
+        from diffusers.training_utils import compute_snr
+
+        snr = compute_snr(noise_scheduler, timesteps)
+        clipped = torch.clamp(snr, max=cfg.min_snr_gamma)
+        loss = loss * (clipped / (snr + 1 if base.prediction_type == "v_prediction" else snr))
+    return loss.mean()
+
+
+def _noise_and_timesteps(latents: torch.Tensor, slots: list[int], cfg: TrainConfig, num_timesteps: int):
+    noises, steps = [], []
+    for s in slots:
+        g = torch.Generator().manual_seed(seeded(cfg.seed, "noise", s))
+        n = torch.randn(latents.shape[1:], generator=g)
+        if cfg.noise_offset:
+            # Offset noise (Guttenberg 2023): a per-channel constant lets the model shift overall brightness.
+            n = n + cfg.noise_offset * torch.randn((latents.shape[1], 1, 1), generator=g)
+        noises.append(n)
+        steps.append(torch.randint(0, num_timesteps, (1,), generator=g))
+    return (torch.stack(noises).to(latents.device, latents.dtype), torch.cat(steps).to(latents.device))
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def _lora_states(base: Base, trained_tes) -> dict[str, dict[str, torch.Tensor]]:
+    states = {"unet": lora.lora_state(base.unet)}
+    for i in trained_tes:
+        states[COMPONENT_NAMES[i]] = lora.lora_state(base.text_encoders[i])
+    return states
+
+
+def _adapter_blob(cfg: TrainConfig, base: Base, trained_tes, targets, report, name: str, step: int, epoch: int,
+                  started: float, samples: list[Path]) -> bytes:
+    dirs = {}
+    for item in report.items:
+        d = dirs.setdefault(item.folder, {"n_repeats": item.repeats, "img_count": 0})
+        d["img_count"] += 1
+    meta = training_metadata(
+        name=name, family=base.family, prediction_type=base.prediction_type, base_name=Path(cfg.base).name,
+        rank=cfg.adapter.rank, alpha=cfg.adapter.lora_alpha, preset=cfg.adapter.preset,
+        train_text_encoder=cfg.adapter.train_text_encoder, resolution=cfg.data.resolution, steps=step,
+        epoch=epoch + 1, lr=cfg.lr, text_encoder_lr=cfg.text_encoder_lr, num_images=len(report.items),
+        tag_frequency=report.tag_frequency(), dataset_dirs=dirs, dataset_dir=Path(report.root).name,
+        buckets=dict(report.buckets()), trigger=cfg.data.trigger, seed=cfg.seed, started=started,
+        finished=time.time(), optimizer=cfg.optimizer, lr_scheduler=cfg.lr_scheduler,
+        min_snr_gamma=cfg.min_snr_gamma, noise_offset=cfg.noise_offset,
+    )
+    return adapter_bytes(_lora_states(base, trained_tes), family=base.family, rank=cfg.adapter.rank,
+                         alpha=cfg.adapter.lora_alpha, targets=targets, layout=cfg.format,
+                         precision=cfg.save_precision, metadata=meta, unet_config=base.unet.config)
+
+
+def _checkpoint(cfg, base, trained_tes, targets, report, name, step, epoch, started, optimizer, scheduler, rows,
+                accelerator) -> None:
+    """An intermediate adapter `NAME-stepNNNNNN.safetensors` plus the state `--resume` continues from."""
+    blob = _adapter_blob(cfg, base, trained_tes, targets, report, name, step, epoch, started, [])
+    if accelerator.is_main_process:
+        out = Path(cfg.output_dir)
+        write_adapter(out / f"{name}-step{step:06d}.safetensors", blob)
+        save_state(state_path(out, name, step), step=step, lora=_lora_states(base, trained_tes), optimizer=optimizer,
+                   scheduler=scheduler, extra={"config": _flat_config(cfg)})
+        write_csv(out / "logs" / "loss.csv", rows)
+    accelerator.wait_for_everyone()
+
+
+@torch.no_grad()
+def _write_samples(base: Base, cfg: TrainConfig, out: Path, name: str, step: int, accelerator) -> list[Path]:
+    if not accelerator.is_main_process:
+        return []
+    device = accelerator.device
+    base.vae.to(device)
+    for te in base.text_encoders:
+        te.to(device)
+    pipe = base.pipeline()
+    was_training = base.unet.training
+    base.unet.eval()
+    paths = []
+    try:
+        for k, prompt in enumerate(cfg.sample_prompt):
+            g = torch.Generator(device="cpu").manual_seed(cfg.seed + k)
+            with accelerator.autocast():
+                image = pipe(prompt, num_inference_steps=cfg.sample_steps, height=cfg.data.resolution,
+                             width=cfg.data.resolution, generator=g).images[0]
+            path = out / "samples" / f"{name}-step{step:06d}-{k}.png"
+            atomic_save_image(image, path)
+            paths.append(path)
+    finally:
+        base.unet.train(was_training)
+    return paths
+
+
+def _write_sidecars(adapter: Path, cfg: TrainConfig, base: Base, samples: list[Path]) -> None:
+    """A1111's `NAME.json` (activation text, preferred weight, sd version) and `NAME.preview.png`."""
+    info = {"description": f"Trained with sdlora on {Path(cfg.base).name}", "sd version": base.family.upper(),
+            "activation text": cfg.data.trigger, "preferred weight": 1.0, "negative text": "", "notes": ""}
+    atomic_write_bytes(adapter.with_suffix(".json"), json.dumps(info, indent=2).encode())
+    if samples:
+        atomic_write_bytes(adapter.with_name(adapter.stem + ".preview.png"), samples[-1].read_bytes())
