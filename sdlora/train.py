@@ -40,6 +40,7 @@ class TrainResult:
     adapter: Path
     name: str
     steps: int
+    loop_seconds: float
     trainable_params: int
     base_params: int
     adapter_bytes: int
@@ -153,6 +154,7 @@ def train(cfg: TrainConfig, *, progress: bool = False) -> TrainResult:
 
     bar = tqdm(total=total_steps, initial=step, disable=not (progress and main), unit="step", dynamic_ncols=True)
     micro = step * cfg.grad_accum
+    loop_started = time.time()
     accum_losses: list[torch.Tensor] = []
     samples: list[Path] = []
     for m in models:
@@ -193,6 +195,7 @@ def train(cfg: TrainConfig, *, progress: bool = False) -> TrainResult:
             if step >= total_steps:
                 break
     bar.close()
+    loop_seconds = time.time() - loop_started
 
     # 7. Final samples, adapter, logs.
     if cfg.sample_prompt:
@@ -205,7 +208,7 @@ def train(cfg: TrainConfig, *, progress: bool = False) -> TrainResult:
         plot_loss(out / "loss.png", rows)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return TrainResult(final_path, name, step, trainable, base_params, len(blob), time.time() - started,
+    return TrainResult(final_path, name, step, loop_seconds, trainable, base_params, len(blob), time.time() - started,
                        [r[1] for r in rows], samples)
 
 
@@ -221,7 +224,14 @@ def adapter_name(cfg: TrainConfig) -> str:
 
 def _accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import ProjectConfiguration
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        # accelerate keeps its settings in a process-wide singleton that refuses a second run with another
+        # precision; in a single process (tests, benchmarks, the web UI) each run starts from a clean state.
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
 
     mixed = cfg.mixed_precision if torch.cuda.is_available() else "no"
     if mixed != cfg.mixed_precision:
