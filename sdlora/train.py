@@ -101,7 +101,7 @@ def train(cfg: TrainConfig, *, progress: bool = False) -> TrainResult:
     if cfg.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
         for i in trained_tes:
-            base.text_encoders[i].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            _checkpoint_text_encoder(base.text_encoders[i])
 
     # 3. Dataset, epoch plan and caches.
     dataset = TrainDataset(report.items, cfg.data, cfg.seed)
@@ -301,6 +301,14 @@ def _flat_config(cfg: TrainConfig) -> dict:
     flat.update(d["data"])
     flat.update(d["adapter"])
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in flat.items() if not isinstance(v, list) or v}
+
+
+def _checkpoint_text_encoder(te) -> None:
+    kwargs = {"use_reentrant": False}
+    if hasattr(te, "activation_checkpointing_enable"):  # transformers >= 5.2x renamed it
+        te.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        te.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _vae_fingerprint(vae) -> str:

@@ -161,7 +161,6 @@ def test_samples_and_intermediate_saves(tmp_path, dataset):
     (["--data", "{empty}"], "no usable image in"),
     (["--base", "nope/notcached", "--data", "{data}"], "not in the local Hugging Face cache"),
     (["--base", "model.ckpt", "--data", "{data}"], "only reads .safetensors"),
-    (["--optimizer", "prodigy", "--data", "{data}"], "prodigyopt"),
 ])
 def test_errors_are_one_clear_line(tmp_path, dataset, capsys, argv, message):
     (tmp_path / "empty").mkdir()
@@ -204,3 +203,39 @@ def test_two_processes_match_one(tmp_path, dataset):
     mean_rel = sum((a[k] - b[k]).norm() for k in a) / sum(a[k].norm() for k in a)
     assert mean_rel < 1e-3, mean_rel
     assert not (tmp_path / "two" / "state").exists() and len(list((tmp_path / "two").glob("*.safetensors"))) == 1
+
+
+def test_same_seed_same_adapter_and_every_loss_option(tmp_path, dataset):
+    def run(out):
+        cfg = TrainConfig(base="tiny-sd", output_dir=out, steps=3, lr=1e-3, min_snr_gamma=5.0, noise_offset=0.05,
+                          prediction_type="v_prediction", gradient_checkpointing=True, lr_scheduler="linear",
+                          warmup_steps=1, save_precision="bf16",
+                          data=DataConfig(data=dataset, resolution=64, crop="random"),
+                          adapter=AdapterConfig(rank=4, preset="full", train_text_encoder=True))
+        result = train(cfg)
+        assert all(np.isfinite(result.losses))
+        return read(result.adapter)
+
+    (a, meta), (b, _) = run(tmp_path / "a"), run(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert meta["ss_v_parameterization"] == "True" and meta["modelspec.prediction_type"] == "v_prediction"
+    assert any("resnets_0_conv1" in k for k in a) and any("downsamplers_0_conv" in k for k in a)
+    assert a[next(k for k in a if k.endswith("lora_up.weight"))].dtype == torch.bfloat16
+
+
+def test_epochs_diffusers_format_and_prodigy(tmp_path, dataset):
+    cfg = TrainConfig(base="tiny-sd", output_dir=tmp_path, epochs=2, batch_size=4, grad_accum=2, optimizer="prodigy",
+                      lr=1.0, format="diffusers", data=DataConfig(data=dataset, resolution=64),
+                      adapter=AdapterConfig(rank=4, alpha=8))
+    result = train(cfg)
+    assert result.steps == 5  # 20 samples / batch 4 = 5 batches an epoch; 2 epochs / accumulation 2 = 5 steps
+    tensors, meta = read(result.adapter)
+    assert all(k.startswith("unet.") and ".lora_" in k for k in tensors)
+    lam = __import__("json").loads(meta["lora_adapter_metadata"])
+    assert lam["unet.r"] == 4 and lam["unet.lora_alpha"] == 8
+
+
+def test_missing_optional_optimizer_says_what_to_install(tmp_path, dataset, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "prodigyopt", None)
+    assert main(["train", "--data", str(dataset), "--optimizer", "prodigy", "--output-dir", str(tmp_path)]) == 2
+    assert "pip install prodigyopt" in capsys.readouterr().err
