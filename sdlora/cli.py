@@ -65,6 +65,24 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(ns: argparse.Namespace) -> int:
+    import json
+
+    from .convert import format_info, info
+
+    d = info(ns.file)
+    print(json.dumps(d, indent=2) if ns.json else format_info(d))
+    return 0
+
+
+def cmd_convert(ns: argparse.Namespace) -> int:
+    from .convert import convert
+
+    out, result = convert(ns.input, ns.output, ns.to, base=ns.base, overwrite=ns.overwrite)
+    print(f"wrote {out} ({ns.to} layout, {len(result.targets)} modules)")
+    return 0
+
+
 def cmd_demo(ns: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -97,6 +115,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=512, help="Image height, a multiple of 8 (default: 512).")
     p.add_argument("--out", type=Path, default=Path("outputs/image.png"), help="Output PNG (default: outputs/image.png).")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("inspect", help="Show what a LoRA file is: format, family, modules, rank, metadata, hashes.",
+                       description="Show what a LoRA file is: format, family, modules, rank, alpha, metadata, hashes.")
+    p.add_argument("file", type=Path, help="A .safetensors LoRA.")
+    p.add_argument("--json", action="store_true", help="Print one JSON object instead of text.")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("convert", help="Rewrite a LoRA in the kohya or diffusers layout.",
+                       description="Rewrite a LoRA in the kohya (A1111, ComfyUI, Forge) or diffusers layout; "
+                                   "tensors, alpha and scale are kept exactly.")
+    p.add_argument("input", type=Path, help="The LoRA to read (.safetensors).")
+    p.add_argument("output", type=Path, help="The file to write (.safetensors).")
+    p.add_argument("--to", required=True, choices=("kohya", "diffusers"), help="Target layout.")
+    p.add_argument("--base", help="Base the LoRA was trained on, for custom architectures (default: the full-size "
+                                  "layout of the LoRA's family).")
+    p.add_argument("--overwrite", action="store_true", help="Replace OUTPUT if it exists.")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("demo", help="Train a small LoRA on the bundled example data and generate with it.",
                        description="Train a small LoRA on the bundled example data and generate with it.")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 
 import torch
 
@@ -82,9 +83,10 @@ def kohya_module(component: str, path: str, family: str, unet_config=None) -> st
     return f"{kohya_prefix(component, family)}_{canonical_path(component, path).replace('.', '_')}"
 
 
-def peft_to_kohya(states: dict[str, dict[str, torch.Tensor]], alphas: dict[str, float], family: str,
-                  unet_config=None) -> dict[str, torch.Tensor]:
-    """peft states per component ({'unet': {...}, 'text_encoder': {...}}) to one kohya state dict."""
+def peft_to_kohya(states: dict[str, dict[str, torch.Tensor]], alphas: dict[str, float | dict[str, float]],
+                  family: str, unet_config=None) -> dict[str, torch.Tensor]:
+    """peft states per component ({'unet': {...}, 'text_encoder': {...}}) to one kohya state dict.
+    `alphas` gives each component one alpha, or one per module path."""
     out: dict[str, torch.Tensor] = {}
     for component, state in states.items():
         modules: dict[str, dict[str, torch.Tensor]] = {}
@@ -99,7 +101,9 @@ def peft_to_kohya(states: dict[str, dict[str, torch.Tensor]], alphas: dict[str, 
             name = kohya_module(component, path, family, unet_config)
             out[f"{name}.lora_down.weight"] = pair["A"].detach().clone()
             out[f"{name}.lora_up.weight"] = pair["B"].detach().clone()
-            out[f"{name}.alpha"] = torch.tensor(float(alphas[component]), dtype=torch.float32)
+            alpha = alphas[component]
+            alpha = alpha[path] if isinstance(alpha, dict) else alpha
+            out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
     return out
 
 
@@ -108,12 +112,23 @@ def peft_to_diffusers(states: dict[str, dict[str, torch.Tensor]]) -> dict[str, t
     return {f"{component}.{key}": t.detach().clone() for component, state in states.items() for key, t in state.items()}
 
 
-def diffusers_adapter_metadata(ranks: dict[str, int], alphas: dict[str, float], targets: dict[str, list[str]]) -> str:
-    """The `lora_adapter_metadata` header diffusers reads to rebuild each component's LoraConfig."""
-    meta = {}
+def diffusers_adapter_metadata(ranks: dict[str, int | dict[str, int]], alphas: dict[str, float | dict[str, float]],
+                               targets: dict[str, list[str]]) -> str:
+    """The `lora_adapter_metadata` header diffusers reads to rebuild each component's LoraConfig. Ranks and
+    alphas are one per component, or one per module (then the most common is the default and the others
+    go into peft's rank_pattern / alpha_pattern)."""
+    meta: dict = {}
     for component in ranks:
-        meta[f"{component}.r"] = ranks[component]
-        meta[f"{component}.lora_alpha"] = alphas[component]
+        for key, pattern_key, value in (("r", "rank_pattern", ranks[component]),
+                                        ("lora_alpha", "alpha_pattern", alphas[component])):
+            if isinstance(value, dict):
+                common = Counter(value.values()).most_common(1)[0][0]
+                meta[f"{component}.{key}"] = common
+                exceptions = {p: v for p, v in value.items() if v != common}
+                if exceptions:
+                    meta[f"{component}.{pattern_key}"] = exceptions
+            else:
+                meta[f"{component}.{key}"] = value
         meta[f"{component}.target_modules"] = sorted(targets[component])
     return json.dumps(meta, indent=2, sort_keys=True)
 

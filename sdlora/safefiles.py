@@ -33,13 +33,13 @@ def check_safetensors(path: Path) -> dict:
         size = path.stat().st_size
         with open(path, "rb") as f:
             head = f.read(8)
-            if size < 8 or len(head) < 8:
-                raise FormatError(f"{path}: not a safetensors file (only {size} bytes)")
             if head.startswith(PICKLE_MAGIC):
                 raise FormatError(
                     f"{path}: this is a pickled PyTorch file renamed to .safetensors; it is refused because "
                     "unpickling can run code. Get the real .safetensors version."
                 )
+            if size < 8 or len(head) < 8:
+                raise FormatError(f"{path}: not a safetensors file (only {size} bytes)")
             (n,) = struct.unpack("<Q", head)
             if n > MAX_HEADER or n + 8 > size:
                 raise FormatError(f"{path}: corrupt or truncated safetensors file (header length {n}, file size {size})")

@@ -1,0 +1,145 @@
+"""`sdlora inspect` and `sdlora convert`: what a LoRA file is, and the same LoRA in another layout."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from . import formats
+from .archs import TITLES, meta_models
+from .errors import FormatError
+from .lorafile import Fit, LoraFile, fit, read_lora
+from .metadata import data_hash
+from .safefiles import atomic_write_bytes
+
+TRAINING_KEYS = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args", "ss_resolution",
+                 "ss_num_train_images", "ss_steps", "ss_epoch", "ss_learning_rate", "ss_unet_lr", "ss_text_encoder_lr",
+                 "ss_optimizer", "ss_lr_scheduler", "ss_min_snr_gamma", "ss_noise_offset", "ss_seed",
+                 "ss_sd_model_name", "ss_training_started_at", "ss_training_finished_at", "ss_output_name")
+
+
+def reference(lf: LoraFile, base: str | None):
+    """The models whose module names a file is read against: a given base, or the full-size family layout."""
+    if base:
+        from .models import load_base
+
+        b = load_base(base)
+        return b.modules(), b.family, b.name
+    if lf.family is None:
+        raise FormatError(f"{lf.path}: cannot tell which model family this LoRA is for (no metadata, unfamiliar "
+                          "shapes); pass --base with the model it was trained on")
+    return meta_models(lf.family), lf.family, f"the {TITLES[lf.family]} layout"
+
+
+def info(path: Path) -> dict:
+    lf = read_lora(path)
+    components = Counter()
+    for name in lf.modules:
+        if name.startswith("lora_unet_") or name.startswith("unet."):
+            components["unet"] += 1
+        elif name.startswith(("lora_te2_", "text_encoder_2.")):
+            components["text_encoder_2"] += 1
+        else:
+            components["text_encoder"] += 1
+    ranks = Counter(m.rank for m in lf.modules.values())
+    alphas = Counter(m.alpha if m.alpha is not None else float(m.rank) for m in lf.modules.values())
+    dtypes = Counter(str(t.dtype).removeprefix("torch.") for k, t in lf.raw.items() if not k.endswith("alpha"))
+    meta = lf.metadata
+    blob = Path(path).read_bytes()
+    digest = data_hash(blob)
+    triggers = [t.strip() for t in meta.get("modelspec.trigger_phrase", "").split(",") if t.strip()]
+    sidecar = Path(path).with_suffix(".json")
+    if not triggers and sidecar.is_file():
+        with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            text = json.loads(sidecar.read_text(encoding="utf-8")).get("activation text", "")
+            triggers = [t.strip() for t in text.split(",") if t.strip()]
+    tags = Counter()
+    try:
+        for folder in json.loads(meta.get("ss_tag_frequency", "{}")).values():
+            tags.update(folder)
+    except (json.JSONDecodeError, AttributeError, TypeError):
+        pass
+    return {
+        "file": Path(path).name,
+        "format": lf.layout if lf.kind == "lora" else f"{lf.layout} ({lf.kind})",
+        "kind": lf.kind,
+        "family": lf.family,
+        "family_source": lf.family_source,
+        "modules": dict(components),
+        "ranks": {str(k): v for k, v in sorted(ranks.items())},
+        "alphas": {f"{k:g}": v for k, v in sorted(alphas.items())},
+        "parameters": sum(t.numel() for k, t in lf.raw.items() if not k.endswith("alpha")),
+        "file_bytes": len(blob),
+        "precision": dict(dtypes),
+        "trigger_words": triggers,
+        "top_tags": [t for t, _ in tags.most_common(10)],
+        "training": {k: meta[k] for k in TRAINING_KEYS if k in meta},
+        "sshs_model_hash": meta.get("sshs_model_hash", ""),
+        "computed_hash": digest,
+        "short_hash": digest[:12],
+        "hash_matches_metadata": meta.get("sshs_model_hash") in (None, digest),
+    }
+
+
+def format_info(d: dict) -> str:
+    lines = [f"{d['file']}: {d['format']} LoRA for {TITLES.get(d['family'], 'an unknown family')} "
+             f"(family from {d['family_source']})",
+             "modules: " + ", ".join(f"{k} {v}" for k, v in d["modules"].items()),
+             "rank: " + ", ".join(f"{k} ({v} modules)" for k, v in d["ranks"].items()),
+             "alpha: " + ", ".join(f"{k} ({v} modules)" for k, v in d["alphas"].items()),
+             f"parameters: {d['parameters']:,}; file {d['file_bytes'] / 1e6:.2f} MB; precision "
+             + ", ".join(d["precision"]),
+             f"trigger words: {', '.join(d['trigger_words']) or '(none)'}"]
+    if d["top_tags"]:
+        lines.append(f"top tags: {', '.join(d['top_tags'])}")
+    for k, v in d["training"].items():
+        lines.append(f"{k}: {v}")
+    note = "" if d["hash_matches_metadata"] else " (metadata hash differs: the file was changed after saving)"
+    lines.append(f"hash: {d['computed_hash']} (A1111 short hash {d['short_hash']}){note}")
+    return "\n".join(lines)
+
+
+def convert(src: Path, dst: Path, to: str, *, base: str | None = None, overwrite: bool = False) -> tuple[Path, Fit]:
+    src, dst = Path(src), Path(dst)
+    if dst.suffix.lower() != ".safetensors":
+        raise FormatError(f"output {dst} must end in .safetensors")
+    if dst.exists() and not overwrite:
+        raise FormatError(f"{dst} already exists; choose another name or pass --overwrite")
+    lf = read_lora(src)
+    if set(lf.kinds) != {"lora"}:
+        raise FormatError(f"{src}: {lf.kind} modules cannot be written as plain LoRA; sdlora reads them for "
+                          "generation only")
+    if any("mid" in m.tensors for m in lf.modules.values()):
+        raise FormatError(f"{src}: LoCon modules with a Tucker core (lora_mid) have no diffusers equivalent")
+    models, family, ref_name = reference(lf, base)
+    result = fit(lf, models, family, ref_name)
+    if result.unmatched:
+        raise FormatError(f"{src}: {result.report()}; conversion must be total (pass --base for a custom model)")
+    states: dict[str, dict[str, torch.Tensor]] = {}
+    ranks: dict[str, dict[str, int]] = {}
+    alphas: dict[str, dict[str, float]] = {}
+    for t in result.targets:
+        states.setdefault(t.component, {})[f"{t.path}.lora_A.weight"] = t.module.tensors["down"]
+        states[t.component][f"{t.path}.lora_B.weight"] = t.module.tensors["up"]
+        ranks.setdefault(t.component, {})[t.path] = t.module.rank
+        alphas.setdefault(t.component, {})[t.path] = t.module.alpha if t.module.alpha is not None else float(t.module.rank)
+    meta = {k: v for k, v in lf.metadata.items() if k not in ("lora_adapter_metadata", "sshs_model_hash", "sshs_legacy_hash")}
+    if to == "kohya":
+        tensors = formats.peft_to_kohya(states, alphas, family, models["unet"].config)
+    elif to == "diffusers":
+        tensors = formats.peft_to_diffusers(states)
+        targets = {c: sorted(p.rsplit(".lora_", 1)[0] for p in s if p.endswith("lora_A.weight")) for c, s in states.items()}
+        meta["lora_adapter_metadata"] = formats.diffusers_adapter_metadata(ranks, alphas, targets)
+    else:
+        raise FormatError(f"unknown target layout {to!r}; choose kohya or diffusers")
+    from safetensors.torch import save
+
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    blob = save(tensors, metadata=meta)
+    blob = save(tensors, metadata={**meta, "sshs_model_hash": data_hash(blob)})
+    atomic_write_bytes(dst, blob)
+    return dst, result
