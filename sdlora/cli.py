@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import typing
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 from . import __version__
 from .config import build_config, default_of, load_toml, option_fields
 from .errors import SdloraError
+from .schedulers import SCHEDULERS
 
 EXIT_USER_ERROR = 2
 
@@ -56,13 +58,44 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:
-    from .generate import generate_image
+    from .engine import BlendItem, Engine, Params
+    from .recipe import next_output_path, save_png
 
-    path = generate_image(base=ns.base, loras=ns.lora or [], prompt=ns.prompt, negative_prompt=ns.negative_prompt,
-                          seed=ns.seed, steps=ns.steps, cfg_scale=ns.cfg, width=ns.width, height=ns.height,
-                          out=ns.out)
-    print(f"wrote {path}")
+    files, blend = [], []
+    for arg in ns.lora or []:
+        path, unet_w, te_w = parse_lora_arg(arg)
+        files.append(path)
+        blend.append(BlendItem(path.stem, unet=unet_w, te=te_w))
+    engine = Engine(ns.base, lora_files=files)
+    params = Params(prompt=ns.prompt, negative_prompt=ns.negative_prompt, seed=ns.seed, steps=ns.steps,
+                    cfg_scale=ns.cfg, width=ns.width, height=ns.height, batch_size=ns.batch_size,
+                    batch_count=ns.batch_count, scheduler=ns.scheduler)
+    result = engine.generate(params, blend, mode="fast" if ns.fuse else "exact")
+    for k, (image, seed, text) in enumerate(zip(result.images, result.seeds, result.infotexts, strict=True)):
+        if ns.out and len(result.images) == 1:
+            path = ns.out
+        elif ns.out:
+            path = ns.out.with_name(f"{ns.out.stem}-{k}{ns.out.suffix}")
+        else:
+            path = next_output_path(ns.output_dir, seed)
+        save_png(image, path, text)
+        print(f"wrote {path} (seed {seed})")
     return 0
+
+
+def parse_lora_arg(arg: str):
+    """`PATH[:W]` or `PATH[:TE_W:UNET_W]`."""
+    from .errors import ConfigError
+
+    m = re.match(r"^(.*?\.safetensors)(?::([-+0-9.]+))?(?::([-+0-9.]+))?$", arg)
+    if not m:
+        raise ConfigError(f"--lora {arg!r}: expected PATH.safetensors[:WEIGHT] or PATH.safetensors[:TE_W:UNET_W]")
+    try:
+        a = float(m.group(2)) if m.group(2) else 1.0
+        b = float(m.group(3)) if m.group(3) else None
+    except ValueError:
+        raise ConfigError(f"--lora {arg!r}: weights must be numbers") from None
+    return (Path(m.group(1)), b, a) if b is not None else (Path(m.group(1)), a, None)
 
 
 def cmd_inspect(ns: argparse.Namespace) -> int:
@@ -102,18 +135,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_options(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("generate", help="Generate an image with a base and LoRAs.",
-                       description="Generate an image with a base model and zero or more LoRAs.")
+    p = sub.add_parser("generate", help="Generate images with a base and a blend of LoRAs.",
+                       description="Generate images with a base model and a weighted blend of LoRAs. Prompts may "
+                                   "also hold <lora:name:w> tags naming LoRAs given with --lora.")
     p.add_argument("--base", default="tiny-sd", help="Base model (as for train).")
-    p.add_argument("--lora", action="append", metavar="PATH[:W]", help="LoRA file and weight (repeatable).")
+    p.add_argument("--lora", action="append", metavar="PATH[:W]",
+                   help="LoRA file and weight, or PATH:TE_W:UNET_W (repeatable; weights in [-2, 2]).")
     p.add_argument("--prompt", required=True, help="Prompt text.")
     p.add_argument("--negative-prompt", default="", help="Negative prompt.")
-    p.add_argument("--seed", type=int, default=0, help="Seed (default: 0).")
+    p.add_argument("--seed", type=int, default=-1, help="Seed; -1 picks one and reports it (default: -1).")
     p.add_argument("--steps", type=int, default=20, help="Denoising steps (default: 20).")
     p.add_argument("--cfg", type=float, default=7.0, help="Classifier-free guidance scale (default: 7).")
     p.add_argument("--width", type=int, default=512, help="Image width, a multiple of 8 (default: 512).")
     p.add_argument("--height", type=int, default=512, help="Image height, a multiple of 8 (default: 512).")
-    p.add_argument("--out", type=Path, default=Path("outputs/image.png"), help="Output PNG (default: outputs/image.png).")
+    p.add_argument("--batch-size", type=int, default=1, help="Images per batch (default: 1).")
+    p.add_argument("--batch-count", type=int, default=1, help="Number of batches (default: 1).")
+    p.add_argument("--scheduler", default="Euler a", choices=list(SCHEDULERS), help="Sampler (default: Euler a).")
+    p.add_argument("--fuse", action="store_true", help="Merge the blend into the base weights (fast mode).")
+    p.add_argument("--out", type=Path, help="Output PNG (default: numbered files in --output-dir).")
+    p.add_argument("--output-dir", type=Path, default=Path("outputs"), help="Folder for numbered outputs.")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("inspect", help="Show what a LoRA file is: format, family, modules, rank, metadata, hashes.",

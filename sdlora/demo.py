@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import AdapterConfig, DataConfig, TrainConfig
-from .generate import generate_image
 from .train import train
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "datasets_example"
@@ -22,6 +21,11 @@ def run_demo(out: Path, steps: int = 40) -> str:
                       data=DataConfig(data=data, resolution=64, trigger="stripestyle"),
                       adapter=AdapterConfig(rank=8))
     result = train(cfg, progress=True)
-    image = generate_image(base="tiny-sd", loras=[f"{result.adapter}:1.0"], prompt="stripestyle, a red circle",
-                           steps=20, width=64, height=64, out=out / "demo.png")
+    from .engine import BlendItem, Engine, Params
+    from .recipe import save_png
+
+    engine = Engine("tiny-sd", lora_files=[result.adapter])
+    images = engine.generate(Params(prompt="stripestyle, a red circle", seed=0, width=64, height=64),
+                             [BlendItem(result.adapter.stem)], mode="fast")
+    image = save_png(images.images[0], out / "demo.png", images.infotexts[0])
     return f"{result.summary()}\nimage: {image}"

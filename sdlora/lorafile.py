@@ -264,8 +264,8 @@ def name_lookup(models: dict[str, torch.nn.Module], family: str) -> dict[str, tu
         if component not in COMPONENTS:
             continue
         for path, mod in model.named_modules():
-            if not isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)) or ".lora_" in path or ".base_layer" in path:
-                continue
+            if not isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)) or ".lora_" in path:
+                continue  # (a layer peft wrapped appears as `<path>.base_layer`)
             path = path.removesuffix(".base_layer")
             names = {kohya_module(component, path, family, unet_config),
                      f"{component}.{path}"}
@@ -298,6 +298,7 @@ def fit(lf: LoraFile, models: dict[str, torch.nn.Module], family: str, base_name
             continue
         component, path = hit
         layer = models[component].get_submodule(path)
+        layer = getattr(layer, "base_layer", layer)
         _check_shapes(lf.path, m, layer)
         targets.append(Target(component, path, m, layer))
     if not targets:

@@ -89,12 +89,12 @@ def nonzero_lora_base(name, preset="attn", with_te=True, rank=4, alpha=2.0, seed
     return base, states, targets
 
 
-def write_adapter(tmp_path, name, layout, with_te, preset="attn", precision="fp16", alpha=2.0):
-    base, states, targets = nonzero_lora_base(name, preset, with_te, alpha=alpha)
+def write_adapter(tmp_path, name, layout, with_te, preset="attn", precision="fp16", alpha=2.0, seed=0, stem=None):
+    base, states, targets = nonzero_lora_base(name, preset, with_te, alpha=alpha, seed=seed)
     meta = {"ss_base_model_version": "sdxl_base_v1-0" if name == "tiny-sdxl" else "sd_v1"}
     blob = adapter_bytes(states, family=base.family, rank=4, alpha=alpha, targets=targets, layout=layout,
                          precision=precision, metadata=meta, unet_config=base.unet.config)
-    path = tmp_path / f"{name}-{layout}.safetensors"
+    path = tmp_path / f"{stem or f'{name}-{layout}'}.safetensors"
     path.write_bytes(blob)
     return path, states
 

@@ -39,6 +39,21 @@ def expected_kohya_modules(base_name, preset, with_te):
     return names
 
 
+def json_keys_ok(meta):
+    """The ss_*/modelspec keys readers use are present and their JSON values parse."""
+    import json
+
+    for key in ("ss_tag_frequency", "ss_dataset_dirs", "ss_bucket_info", "ss_network_args"):
+        json.loads(meta[key])
+    needed = {"ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_output_name",
+              "ss_sd_model_name", "ss_resolution", "ss_num_train_images", "ss_steps", "ss_epoch", "ss_learning_rate",
+              "ss_training_started_at", "ss_training_finished_at", "ss_seed", "modelspec.sai_model_spec",
+              "modelspec.architecture", "modelspec.implementation", "modelspec.title", "modelspec.resolution"}
+    assert needed <= meta.keys(), needed - meta.keys()
+    assert json.loads(meta["ss_tag_frequency"]) == {"5_sks": {"sks": 4, "a red circle": 4, "white background": 4}}
+    return True
+
+
 def render(base_name, lora_path=None, prompt="sks, a red circle"):
     base = load_base(base_name)
     pipe = base.pipeline()
@@ -77,7 +92,11 @@ def test_cli_trains_an_adapter_every_tool_can_load(tmp_path, dataset, base_name,
     before, after = render(base_name), render(base_name, path)
     assert np.abs(before - after).max() > 1e-3
     assert (out / "logs" / "loss.csv").read_text().count("\n") == 4
-    assert (out / "loss.png").stat().st_size > 0 and (out / "data.json").is_file()
+    assert (out / "loss.png").stat().st_size > 0
+    sidecar = __import__("json").loads((out / "data.json").read_text())
+    assert sidecar["activation text"] == "sks" and sidecar["preferred weight"] == 1.0
+    assert sidecar["sd version"] == ("SDXL" if base_name == "tiny-sdxl" else "SD1")
+    assert json_keys_ok(meta)
     assert any((out / "logs" / "tensorboard").rglob("events.out.tfevents.*"))
 
 

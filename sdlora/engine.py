@@ -1,0 +1,334 @@
+"""The blend engine behind `sdlora generate` and the web UI: one base, a library of LoRAs, blends, images.
+
+Adapters are read from disk once (cache keyed by path, size and mtime). Two modes:
+- `exact`: plain LoRAs stay separate peft adapters inside the pipeline, weighted with diffusers'
+  `set_adapters`; a change of weights reloads nothing.
+- `fast`: the blend is merged into the base weights whenever it changes (ΔW computed from the file),
+  so each image costs what the base costs. The touched weights are backed up first, so removing
+  the blend restores the base bit for bit (diffusers' `unfuse_lora` subtracts, which is not exact).
+LyCORIS LoHa/LoKr cannot be peft adapters; they are merged the same way in both modes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import re
+import threading
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigError, FormatError
+from .lorafile import Fit, LoraFile, fit, read_lora
+from .models import Base, load_base
+
+WEIGHT_RANGE = (-2.0, 2.0)
+MODES = ("exact", "fast")
+LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([-+]?[0-9]*\.?[0-9]+))?(?::([-+]?[0-9]*\.?[0-9]+))?>")
+
+
+@dataclass(frozen=True)
+class BlendItem:
+    """One LoRA in a blend: UNet strength and text-encoder strength (None: same as the UNet's)."""
+
+    name: str
+    unet: float = 1.0
+    te: float | None = None
+
+    @property
+    def te_weight(self) -> float:
+        return self.unet if self.te is None else self.te
+
+    def __post_init__(self):
+        for w in (self.unet, self.te_weight):
+            if not WEIGHT_RANGE[0] <= w <= WEIGHT_RANGE[1]:
+                raise ConfigError(f"weight {w} for LoRA {self.name!r} is outside [{WEIGHT_RANGE[0]:g}, {WEIGHT_RANGE[1]:g}]")
+
+
+def parse_prompt(prompt: str) -> tuple[str, list[BlendItem]]:
+    """Take `<lora:name:w>` / `<lora:name:te_w:unet_w>` tags out of a prompt; return the clean text and the items."""
+    items = []
+    for m in LORA_TAG.finditer(prompt):
+        name, a, b = m.group(1).strip(), m.group(2), m.group(3)
+        if b is not None:
+            items.append(BlendItem(name, unet=float(b), te=float(a)))
+        else:
+            items.append(BlendItem(name, unet=float(a) if a is not None else 1.0))
+    text = LORA_TAG.sub("", prompt)
+    text = re.sub(r"\s*,\s*(,\s*)+", ", ", re.sub(r"\s{2,}", " ", text)).strip(" ,")
+    return text, items
+
+
+def blend_tags(blend: list[BlendItem]) -> str:
+    tags = []
+    for b in blend:
+        tags.append(f"<lora:{b.name}:{b.unet:g}>" if b.te is None or b.te == b.unet
+                    else f"<lora:{b.name}:{b.te:g}:{b.unet:g}>")
+    return " ".join(tags)
+
+
+@dataclass
+class LoraInfo:
+    name: str
+    path: Path
+    family: str | None
+    rank: int
+    kind: str
+    triggers: list[str]
+    preferred_weight: float
+    preview: Path | None
+    short_hash: str
+    compatible: bool
+    problem: str = ""
+
+
+class LoraLibrary:
+    """LoRAs by name: the `.safetensors` files of one folder (and its subfolders), plus files named explicitly
+    (the CLI's --lora). Names are the only handle the UI gets: a path never comes from a user there, and
+    links that lead outside the folder are left out."""
+
+    def __init__(self, folder: Path | None, family: str, files: list[Path] = ()):
+        self.folder = Path(folder).resolve() if folder else None
+        self.family = family
+        self.files = [Path(f) for f in files]
+        self.entries: dict[str, LoraInfo] = {}
+        self.rescan()
+
+    def rescan(self) -> None:
+        self.entries = {}
+        if self.folder is not None:
+            if not self.folder.is_dir():
+                raise ConfigError(f"LoRA folder not found: {self.folder}")
+            for path in sorted(self.folder.rglob("*.safetensors")):
+                real = path.resolve()
+                if real.is_relative_to(self.folder) and real.is_file() and path.stem not in self.entries:
+                    self.entries[path.stem] = self._entry(path, self.folder)
+        for path in self.files:
+            if not path.is_file():
+                raise ConfigError(f"LoRA file not found: {path}")
+            if path.stem in self.entries and self.entries[path.stem].path != path.resolve():
+                raise ConfigError(f"two LoRAs are named {path.stem!r}; rename one")
+            self.entries[path.stem] = self._entry(path, path.resolve().parent)
+
+    def _entry(self, path: Path, root: Path) -> LoraInfo:
+        import json
+
+        from .convert import info as file_info
+
+        real, name = path.resolve(), path.stem
+        try:
+            d = file_info(real)
+        except FormatError as e:
+            return LoraInfo(name, real, None, 0, "?", [], 1.0, None, "", False, str(e))
+        weight, triggers = 1.0, d["trigger_words"]
+        sidecar = path.with_suffix(".json")
+        if sidecar.is_file() and sidecar.resolve().is_relative_to(root):
+            with contextlib.suppress(ValueError, UnicodeDecodeError, AttributeError, TypeError):
+                weight = float(json.loads(sidecar.read_text(encoding="utf-8")).get("preferred weight") or 1.0)
+        preview = path.with_name(name + ".preview.png")
+        preview = preview.resolve() if preview.is_file() and preview.resolve().is_relative_to(root) else None
+        ok = d["family"] in (None, self.family)
+        problem = "" if ok else f"made for {d['family']}, the base is {self.family}"
+        rank = int(next(iter(d["ranks"]), 0))
+        return LoraInfo(name, real, d["family"], rank, d["kind"], triggers, weight, preview, d["short_hash"], ok, problem)
+
+    def get(self, name: str) -> LoraInfo:
+        entry = self.entries.get(name)
+        if entry is None:
+            raise ConfigError(f"unknown LoRA {name!r}; choose one of: {', '.join(self.entries) or '(library is empty)'}")
+        if not entry.compatible:
+            raise FormatError(f"LoRA {name!r} cannot be applied: {entry.problem}")
+        return entry
+
+
+@dataclass
+class Params:
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = -1
+    steps: int = 20
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    batch_size: int = 1
+    batch_count: int = 1
+    scheduler: str = "Euler a"
+
+    def check(self) -> None:
+        from .schedulers import SCHEDULERS
+
+        if self.width % 8 or self.height % 8 or not (8 <= self.width <= 2048 and 8 <= self.height <= 2048):
+            raise ConfigError(f"width and height must be multiples of 8 between 8 and 2048, got {self.width}x{self.height}")
+        if not 1 <= self.steps <= 150:
+            raise ConfigError(f"steps must be between 1 and 150, got {self.steps}")
+        if not 0 <= self.cfg_scale <= 30:
+            raise ConfigError(f"CFG scale must be between 0 and 30, got {self.cfg_scale}")
+        if not 1 <= self.batch_size <= 8 or not 1 <= self.batch_count <= 16:
+            raise ConfigError(f"batch size must be 1-8 and batch count 1-16, got {self.batch_size} and {self.batch_count}")
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(f"unknown scheduler {self.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
+        if not -1 <= self.seed < 2**32:
+            raise ConfigError(f"seed must be -1 (random) or between 0 and {2**32 - 1}, got {self.seed}")
+
+
+@dataclass
+class Result:
+    images: list  # PIL images
+    seeds: list[int]
+    infotexts: list[str]
+    paths: list[Path] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, base: str | Base, lora_dir: Path | None = None, *, lora_files: list[Path] = (),
+                 device: str | None = None, dtype: torch.dtype | None = None):
+        self.base = load_base(base) if isinstance(base, str) else base
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
+        self.pipe = self.base.pipeline()
+        self.pipe.to(self.device, self.dtype)
+        self.library = LoraLibrary(lora_dir, self.base.family, lora_files)
+        self.lock = threading.Lock()
+        self.file_reads = 0  # how often a LoRA file was read from disk (the cache should keep this flat)
+        self._files: dict[tuple, LoraFile] = {}
+        self._fits: dict[tuple, Fit] = {}
+        self._adapters: dict[str, tuple] = {}  # peft adapter name -> file key, for plain LoRAs in exact mode
+        self._backup: dict[tuple[str, str], torch.Tensor] = {}  # (component, path) -> original weight
+        self._merged: tuple = ()  # what is merged into the weights now
+        self._exact: tuple = ()
+
+    # ------------------------------------------------------------ files and adapters
+
+    def _key(self, path: Path) -> tuple:
+        st = path.stat()
+        return (str(path), st.st_size, st.st_mtime_ns)
+
+    def lora_file(self, path: Path) -> tuple[tuple, LoraFile, Fit]:
+        key = self._key(path)
+        if key not in self._files:
+            lf = read_lora(path)
+            self.file_reads += 1
+            self._fits[key] = fit(lf, self.base.modules(), self.base.family, self.base.name)
+            self._files[key] = lf
+        return key, self._files[key], self._fits[key]
+
+    def _resolve(self, blend: list[BlendItem]) -> list[tuple[BlendItem, tuple, LoraFile, Fit]]:
+        out = []
+        for item in blend:
+            out.append((item, *self.lora_file(self.library.get(item.name).path)))
+        return out
+
+    def _adapter_name(self, key: tuple) -> str:
+        return "a" + str(abs(hash(key)) % 10**12)
+
+    # ------------------------------------------------------------ applying a blend
+
+    def apply(self, blend: list[BlendItem], mode: str = "exact") -> None:
+        if mode not in MODES:
+            raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        resolved = self._resolve(blend)
+        merged = [(i, k, lf, f) for i, k, lf, f in resolved if mode == "fast" or set(lf.kinds) != {"lora"}]
+        exact = [(i, k, lf, f) for i, k, lf, f in resolved if (i, k, lf, f) not in merged]
+        self._merge([(i, k, f) for i, k, _, f in merged])
+        self._set_exact([(i, k, lf) for i, k, lf, _ in exact])
+
+    def _set_exact(self, items: list[tuple[BlendItem, tuple, LoraFile]]) -> None:
+        state = tuple((self._adapter_name(k), i.unet, i.te_weight) for i, k, _ in items)
+        if state == self._exact:
+            return
+        if not items:
+            if self._adapters:
+                self.pipe.disable_lora()
+            self._exact = ()
+            return
+        for _, key, lf in items:
+            name = self._adapter_name(key)
+            if name not in self._adapters:
+                with warnings.catch_warnings():
+                    # peft warns on every adapter after the first; several adapters are the point here.
+                    warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                    self.pipe.load_lora_weights(dict(lf.raw), adapter_name=name)
+                self._adapters[name] = key
+        self.pipe.enable_lora()
+        comps = [c for c in ("text_encoder", "text_encoder_2") if getattr(self.pipe, c, None) is not None]
+        weights = [{"unet": i.unet, **{c: i.te_weight for c in comps}} for i, _, _ in items]
+        self.pipe.set_adapters([self._adapter_name(k) for _, k, _ in items], weights)
+        self._exact = state
+
+    @torch.no_grad()
+    def _merge(self, items: list[tuple[BlendItem, tuple, Fit]]) -> None:
+        state = tuple((k, i.unet, i.te_weight) for i, k, _ in items)
+        if state == self._merged:
+            return
+        models = self.base.modules()
+        for (component, path), original in self._backup.items():  # back to the base, exactly
+            _weight(models[component], path).copy_(original)
+        for item, _, result in items:
+            for t in result.targets:
+                w = item.unet if t.component == "unet" else item.te_weight
+                if w == 0:
+                    continue
+                weight = _weight(models[t.component], t.path)
+                key = (t.component, t.path)
+                if key not in self._backup:
+                    self._backup[key] = weight.detach().clone()
+                delta = t.module.delta(tuple(weight.shape)).to(weight.device)
+                weight.copy_((weight.float() + w * delta).to(weight.dtype))
+        self._merged = state
+
+    def clear(self) -> None:
+        """No LoRA: merged weights restored from the backup, adapters disabled."""
+        self._merge([])
+        self._set_exact([])
+
+    # ------------------------------------------------------------ generating
+
+    def generate(self, params: Params, blend: list[BlendItem] | None = None, mode: str = "exact",
+                 progress=None) -> Result:
+        from .schedulers import make_scheduler
+
+        params.check()
+        text, tagged = parse_prompt(params.prompt)
+        merged = {b.name: b for b in blend or []}
+        merged.update({b.name: b for b in tagged})  # a tag in the prompt sets that LoRA's weights
+        blend = list(merged.values())
+        with self.lock:
+            self.apply(blend, mode)
+            self.pipe.scheduler = make_scheduler(params.scheduler, self.base.scheduler.config)
+            seed = params.seed if params.seed != -1 else random.randrange(2**32)
+            images, seeds, texts = [], [], []
+            total = params.batch_count * params.steps
+            for batch in range(params.batch_count):
+                batch_seeds = [seed + batch * params.batch_size + i for i in range(params.batch_size)]
+                gens = [torch.Generator("cpu").manual_seed(s) for s in batch_seeds]
+
+                def on_step(pipe, step, timestep, kwargs, _batch=batch):
+                    if progress is not None:
+                        progress((_batch * params.steps + step + 1) / total)
+                    return kwargs
+
+                out = self.pipe(text, negative_prompt=params.negative_prompt or None, num_inference_steps=params.steps,
+                                guidance_scale=params.cfg_scale, width=params.width, height=params.height,
+                                num_images_per_prompt=params.batch_size, generator=gens,
+                                callback_on_step_end=on_step).images
+                images += out
+                seeds += batch_seeds
+            for s in seeds:
+                texts.append(self.infotext(params, text, blend, s))
+        return Result(images, seeds, texts)
+
+    def infotext(self, params: Params, text: str, blend: list[BlendItem], seed: int) -> str:
+        from .recipe import a1111_parameters
+
+        hashes = {b.name: self.library.get(b.name).short_hash for b in blend}
+        prompt = " ".join(p for p in (text, blend_tags(blend)) if p)
+        return a1111_parameters(prompt, params.negative_prompt, params.steps, params.scheduler, params.cfg_scale, seed,
+                                params.width, params.height, self.base.name, {k: v for k, v in hashes.items() if v})
+
+
+def _weight(model: torch.nn.Module, path: str) -> torch.Tensor:
+    layer = model.get_submodule(path)
+    return getattr(layer, "base_layer", layer).weight.data

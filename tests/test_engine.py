@@ -1,0 +1,211 @@
+"""The blend engine: arithmetic, exact vs fast, exact restore, cache, prompt tags, recipes, grids, CLI."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from test_formats import write_adapter
+
+from sdlora.cli import main
+from sdlora.engine import BlendItem, Engine, Params, parse_prompt
+from sdlora.errors import ConfigError, FormatError
+from sdlora.grid import Axis, xy_grid
+from sdlora.lorafile import read_lora
+from sdlora.recipe import parse_parameters, read_png_parameters, save_png
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory):
+    d = tmp_path_factory.mktemp("loras")
+    write_adapter(d, "tiny-sd", "kohya", True, seed=1, stem="alpha", alpha=4.0)
+    write_adapter(d, "tiny-sd", "kohya", True, preset="full", seed=2, stem="beta", alpha=2.0)
+    write_adapter(d, "tiny-sdxl", "kohya", True, seed=3, stem="xl")
+    return d
+
+
+@pytest.fixture
+def engine(library):
+    return Engine("tiny-sd", library)
+
+
+PARAMS = dict(prompt="a red circle", seed=3, steps=3, width=64, height=64, cfg_scale=5.0, scheduler="Euler")
+
+
+def image(engine, blend=(), mode="exact", **kw):
+    return np.asarray(engine.generate(Params(**{**PARAMS, **kw}), list(blend), mode).images[0], dtype=np.float32)
+
+
+def weights(engine):
+    """The base weights (peft's wrappers, present after exact mode, are looked through)."""
+    return {c: {k.replace(".base_layer.", "."): v.clone() for k, v in m.state_dict().items() if ".lora_" not in k}
+            for c, m in engine.base.modules().items()}
+
+
+def test_fast_merge_is_the_hand_computed_sum(engine, library):
+    before = weights(engine)
+    blend = [BlendItem("alpha", unet=0.7, te=0.3), BlendItem("beta", unet=-0.5)]
+    engine.apply(blend, "fast")
+    after = weights(engine)
+    files = {"alpha": read_lora(library / "alpha.safetensors"), "beta": read_lora(library / "beta.safetensors")}
+    expected = {c: {k: v.clone() for k, v in sd.items()} for c, sd in before.items()}
+    for item in blend:
+        for name, m in files[item.name].modules.items():
+            comp = "unet" if name.startswith("lora_unet") else "text_encoder"
+            path = engine._fits[next(k for k in engine._fits if item.name in k[0])].targets
+            target = next(t for t in path if t.module.name == name)
+            up, down = m.tensors["up"].float(), m.tensors["down"].float()
+            delta = (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:]) * m.alpha / m.rank
+            w = item.unet if comp == "unet" else item.te_weight
+            expected[comp][f"{target.path}.weight"] += w * delta
+    for comp in ("unet", "text_encoder"):
+        for k in before[comp]:
+            assert torch.allclose(after[comp][k], expected[comp][k], atol=1e-6), k
+
+
+def test_exact_and_fast_agree_and_clear_restores_bit_exactly(engine):
+    base_img = image(engine)
+    before = weights(engine)
+    blend = [BlendItem("alpha", unet=0.8, te=0.4), BlendItem("beta", unet=-0.6)]
+    exact, fast = image(engine, blend, "exact"), image(engine, blend, "fast")
+    assert np.abs(exact - base_img).max() > 1  # the blend does something (uint8 scale)
+    e = np.asarray(engine.generate(Params(**PARAMS), blend, "exact").images[0], dtype=np.float32)
+    assert np.abs(e - exact).max() == 0
+    # Compare in [0,1] units: the same image within 1e-4 would mean at most 1 step of 255 after rounding.
+    assert np.abs(exact - fast).max() <= 1.0
+    engine.clear()
+    after = weights(engine)
+    assert all(torch.equal(before[c][k], after[c][k]) for c in before for k in before[c])
+    assert np.array_equal(image(engine), base_img)
+
+
+def test_exact_vs_fast_latents_within_1e4(engine):
+    blend = [BlendItem("alpha", unet=0.8, te=0.4), BlendItem("beta", unet=-0.6)]
+    outs = {}
+    for mode in ("exact", "fast"):
+        outs[mode] = engine.generate(Params(**PARAMS), blend, mode)
+        engine.pipe.set_progress_bar_config(disable=True)
+    a = torch.tensor(np.asarray(outs["exact"].images[0], dtype=np.float32) / 255)
+    b = torch.tensor(np.asarray(outs["fast"].images[0], dtype=np.float32) / 255)
+    latents = {}
+    for mode in ("exact", "fast"):
+        engine.apply(blend, mode)
+        latents[mode] = engine.pipe(PARAMS["prompt"], num_inference_steps=3, width=64, height=64, guidance_scale=5.0,
+                                    generator=torch.Generator().manual_seed(3), output_type="latent").images
+    assert (latents["exact"] - latents["fast"]).abs().max() < 1e-4
+    assert (a - b).abs().max() <= 1 / 255 + 1e-6
+
+
+def test_weight_change_reloads_nothing_and_a_changed_file_is_reread(engine, library):
+    engine.apply([BlendItem("alpha", 1.0)], "exact")
+    reads = engine.file_reads
+    for w in (0.2, -1.0, 1.5):
+        engine.apply([BlendItem("alpha", w)], "exact")
+        engine.apply([BlendItem("alpha", w)], "fast")
+    assert engine.file_reads == reads
+    import os
+
+    p = library / "alpha.safetensors"
+    st = p.stat()
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    engine.apply([BlendItem("alpha", 1.0)], "fast")
+    assert engine.file_reads == reads + 1
+
+
+@pytest.mark.parametrize("prompt, text, items", [
+    ("a cat <lora:alpha:0.5>", "a cat", [BlendItem("alpha", 0.5)]),
+    ("<lora:alpha:0.2:0.9>, a cat, <lora:beta>", "a cat", [BlendItem("alpha", unet=0.9, te=0.2), BlendItem("beta", 1.0)]),
+    ("a <lora:x y:-1> dog", "a dog", [BlendItem("x y", -1.0)]),
+    ("plain", "plain", []),
+])
+def test_prompt_tags(prompt, text, items):
+    assert parse_prompt(prompt) == (text, items)
+
+
+def test_prompt_tags_drive_the_blend_and_are_removed(engine):
+    tagged = image(engine, prompt="a red circle <lora:alpha:0.7>")
+    explicit = image(engine, [BlendItem("alpha", 0.7)])
+    assert np.array_equal(tagged, explicit)
+    result = engine.generate(Params(**{**PARAMS, "prompt": "a red circle <lora:alpha:0.7>"}))
+    assert result.infotexts[0].startswith("a red circle <lora:alpha:0.7>\n")
+
+
+def test_out_of_range_and_unknown_and_foreign_loras_are_refused(engine):
+    with pytest.raises(ConfigError, match="outside"):
+        BlendItem("alpha", 2.5)
+    with pytest.raises(ConfigError, match="unknown LoRA 'nope'"):
+        engine.generate(Params(**PARAMS), [BlendItem("nope")])
+    assert not engine.library.entries["xl"].compatible
+    with pytest.raises(FormatError, match="made for sdxl"):
+        engine.generate(Params(**PARAMS), [BlendItem("xl")])
+    for bad in (dict(width=65), dict(steps=0), dict(cfg_scale=99), dict(scheduler="Magic"), dict(batch_size=50)):
+        with pytest.raises(ConfigError):
+            engine.generate(Params(**{**PARAMS, **bad}))
+
+
+def test_recipe_round_trip(engine, tmp_path):
+    result = engine.generate(Params(**{**PARAMS, "negative_prompt": "blurry, dark", "scheduler": "DPM++ 2M Karras",
+                                       "seed": 1234}), [BlendItem("alpha", 0.6), BlendItem("beta", 0.3, te=0.1)])
+    path = save_png(result.images[0], tmp_path / "x.png", result.infotexts[0])
+    p = read_png_parameters(path)
+    assert p["prompt"] == "a red circle <lora:alpha:0.6> <lora:beta:0.1:0.3>"
+    assert p["negative_prompt"] == "blurry, dark" and p["Seed"] == "1234" and p["Steps"] == "3"
+    assert p["Sampler"] == "DPM++ 2M Karras" and p["CFG scale"] == "5" and p["Size"] == "64x64"
+    hashes = dict(h.split(": ") for h in p["Lora hashes"].split(", "))
+    assert hashes == {"alpha": engine.library.entries["alpha"].short_hash, "beta": engine.library.entries["beta"].short_hash}
+    with pytest.raises(FormatError):
+        parse_parameters("just a prompt")
+
+
+def test_seed_batch_and_random_seed(engine):
+    r = engine.generate(Params(**{**PARAMS, "seed": 10, "batch_size": 2, "batch_count": 2}))
+    assert r.seeds == [10, 11, 12, 13] and len(r.images) == 4
+    assert [f"Seed: {s}," in t for s, t in zip(r.seeds, r.infotexts, strict=True)] == [True] * 4
+    single = engine.generate(Params(**{**PARAMS, "seed": 12}))
+    # Each image has its own generator, so image 3 of the run is seed 12's image (batched maths may round apart).
+    diff = np.abs(np.asarray(single.images[0], dtype=int) - np.asarray(r.images[2], dtype=int))
+    assert diff.max() <= 2
+    rnd = engine.generate(Params(**{**PARAMS, "seed": -1}))
+    assert 0 <= rnd.seeds[0] < 2**32
+
+
+def test_xy_grid(engine):
+    grid, texts = xy_grid(engine, Params(**PARAMS), [BlendItem("beta", 0.5)], Axis("lora", [0, 0.5, 1], lora="alpha"),
+                          Axis("seed", [1, 2]))
+    assert grid.size == (110 + 3 * 64, 24 + 2 * 64)
+    assert len(texts) == 6 and "<lora:alpha:0.5>" in texts[1] and "Seed: 2," in texts[3]
+    arr = np.asarray(grid)
+    assert (arr[:20, 110:] < 128).any() and (arr[24:, :100] < 128).any()  # the labels were drawn
+
+
+def test_loha_generates(library, tmp_path):
+    d = tmp_path / "ly"
+    d.mkdir()
+    g = torch.Generator().manual_seed(0)
+    q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_out_0"
+    save_file({f"{q}.hada_w1_a": torch.randn(32, 2, generator=g), f"{q}.hada_w1_b": torch.randn(2, 32, generator=g),
+               f"{q}.hada_w2_a": torch.randn(32, 2, generator=g), f"{q}.hada_w2_b": torch.randn(2, 32, generator=g),
+               f"{q}.alpha": torch.tensor(2.0)}, str(d / "ha.safetensors"))
+    e = Engine("tiny-sd", d)
+    base = image(e)
+    assert np.abs(image(e, [BlendItem("ha", 1.0)]) - base).max() > 1
+    e.clear()
+    assert np.array_equal(image(e), base)
+
+
+def test_cli_generate_with_two_trained_loras(tmp_path, dataset):
+    for name, lr in (("one", "1e-2"), ("two", "5e-3")):
+        assert main(["-q", "train", "--data", str(dataset), "--resolution", "64", "--steps", "3", "--lr", lr,
+                     "--output-dir", str(tmp_path / "loras"), "--name", name, "--train-text-encoder"]) == 0
+    out = tmp_path / "img.png"
+    assert main(["-q", "generate", "--base", "tiny-sd", "--lora", f"{tmp_path / 'loras' / 'one.safetensors'}:0.8",
+                 "--lora", f"{tmp_path / 'loras' / 'two.safetensors'}:0.5:1.2", "--prompt", "sks, a circle",
+                 "--width", "64", "--height", "64", "--steps", "3", "--seed", "7", "--out", str(out)]) == 0
+    p = read_png_parameters(out)
+    assert p["prompt"] == "sks, a circle <lora:one:0.8> <lora:two:0.5:1.2>" and p["Seed"] == "7"
+    assert set(dict(h.split(": ") for h in p["Lora hashes"].split(", "))) == {"one", "two"}
+    plain = tmp_path / "plain.png"
+    assert main(["-q", "generate", "--base", "tiny-sd", "--prompt", "sks, a circle", "--width", "64", "--height", "64",
+                 "--steps", "3", "--seed", "7", "--out", str(plain)]) == 0
+    with Image.open(out) as a, Image.open(plain) as b:
+        assert not np.array_equal(np.asarray(a), np.asarray(b))
