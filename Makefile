@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint clean chromium
 
 setup: $(STAMP)
 
@@ -19,7 +19,11 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(VENV)/bin/sdlora demo --out outputs/demo
 
-test: setup
+# The web UI test drives Debian's Chromium through Playwright (never `playwright install`).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+test: setup chromium
 	$(VENV)/bin/ruff check sdlora webui tests benchmarks
 	$(PY) -m pytest -q
 

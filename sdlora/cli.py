@@ -116,6 +116,24 @@ def cmd_convert(ns: argparse.Namespace) -> int:
     return 0
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def cmd_webui(ns: argparse.Namespace) -> int:
+    from .errors import ConfigError
+
+    if ns.host not in LOOPBACK and not ns.listen:
+        raise ConfigError(f"--host {ns.host} would expose the UI beyond this machine; add --listen to do that on purpose")
+    if ns.host not in LOOPBACK:
+        print(f"warning: serving on {ns.host}:{ns.port}; anyone who can reach it can generate images and read "
+              "the outputs folder", file=sys.stderr)
+    from webui.app import serve
+
+    print(f"sdlora web UI on http://{ns.host}:{ns.port} (Ctrl+C to stop)", file=sys.stderr)
+    serve(ns.base, ns.lora_dir, ns.output_dir, host=ns.host, port=ns.port)
+    return 0
+
+
 def cmd_demo(ns: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -156,6 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", type=Path, default=Path("outputs"), help="Folder for numbered outputs.")
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("webui", help="Start the blend studio in the browser (Gradio).",
+                       description="Start the blend studio: pick LoRAs from a folder, weight them, generate, grid.")
+    p.add_argument("--base", default="tiny-sd", help="Base model (as for train).")
+    p.add_argument("--lora-dir", type=Path, required=True, help="Folder of .safetensors LoRAs (searched recursively).")
+    p.add_argument("--output-dir", type=Path, default=Path("outputs"), help="Where images are saved (default: outputs).")
+    p.add_argument("--host", default="127.0.0.1", help="Address to bind (default: 127.0.0.1).")
+    p.add_argument("--port", type=int, default=7860, help="Port (default: 7860).")
+    p.add_argument("--listen", action="store_true", help="Allow a --host other than this machine (prints a warning).")
+    p.set_defaults(func=cmd_webui)
+
     p = sub.add_parser("inspect", help="Show what a LoRA file is: format, family, modules, rank, metadata, hashes.",
                        description="Show what a LoRA file is: format, family, modules, rank, alpha, metadata, hashes.")
     p.add_argument("file", type=Path, help="A .safetensors LoRA.")
@@ -182,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _quiet_dependencies() -> None:
     """Upstream libraries log advice meant for their own developers; users see sdlora's messages only."""
-    for noisy in ("diffusers", "transformers", "accelerate"):
+    for noisy in ("diffusers", "transformers", "accelerate", "httpx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         import diffusers.utils.logging as dl

@@ -1,0 +1,224 @@
+"""The blend studio's web UI: a thin Gradio face over `sdlora.engine`.
+
+Built in a function (no module-level state). Safe by default: LoRAs are chosen by name from the scanned
+library (never by path), every value is checked again on the server by the engine, one generation
+runs at a time behind a bounded queue, Gradio may serve files from the outputs folder only, and all
+metadata is shown as plain text.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from sdlora.engine import WEIGHT_RANGE, BlendItem, Engine, Params, parse_prompt
+from sdlora.errors import SdloraError
+from sdlora.grid import AXIS_KINDS, Axis, xy_grid
+from sdlora.recipe import next_output_path, read_png_parameters, save_png
+from sdlora.schedulers import SCHEDULERS
+
+MAX_SLOTS = 6
+QUEUE_SIZE = 16
+DEFAULTS = Params(prompt="")
+
+
+def _cards(engine: Engine) -> list[list]:
+    rows = []
+    for e in engine.library.entries.values():
+        status = "ok" if e.compatible else f"cannot apply: {e.problem}"
+        rows.append([e.name, e.family or "?", e.rank, ", ".join(e.triggers), e.preferred_weight, e.kind, status])
+    return rows
+
+
+def build_app(engine: Engine, output_dir: Path):
+    import gradio as gr
+
+    output_dir = Path(output_dir).resolve()
+    usable = [n for n, e in engine.library.entries.items() if e.compatible]
+
+    def friendly(fn):
+        """Library errors become a Gradio error message (shown as text), not a traceback."""
+        @functools.wraps(fn)  # keeps the signature Gradio inspects (gr.Progress)
+        def wrapper(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except SdloraError as e:
+                raise gr.Error(str(e), print_exception=False) from None
+        return wrapper
+
+    def slots_for(selected):
+        selected = [n for n in (selected or []) if n in engine.library.entries][:MAX_SLOTS]
+        updates = []
+        for i in range(MAX_SLOTS):
+            if i < len(selected):
+                w = engine.library.entries[selected[i]].preferred_weight
+                updates += [gr.update(visible=True), gr.update(value=selected[i]), gr.update(value=w), gr.update(value=w)]
+            else:
+                updates += [gr.update(visible=False), gr.update(value=""), gr.update(), gr.update()]
+        return updates
+
+    def collect_blend(selected, slot_values):
+        blend = []
+        names = [n for n in (selected or [])][:MAX_SLOTS]
+        for i, name in enumerate(names):
+            unet_w, te_w = slot_values[3 * i + 1], slot_values[3 * i + 2]
+            blend.append(BlendItem(str(name), unet=float(unet_w), te=float(te_w)))
+        return blend
+
+    def make_params(prompt, negative, seed, steps, cfg, width, height, batch_size, batch_count, scheduler):
+        return Params(prompt=str(prompt or ""), negative_prompt=str(negative or ""), seed=int(seed), steps=int(steps),
+                      cfg_scale=float(cfg), width=int(width), height=int(height), batch_size=int(batch_size),
+                      batch_count=int(batch_count), scheduler=str(scheduler))
+
+    @friendly
+    def generate(selected, mode, prompt, negative, seed, steps, cfg, width, height, batch_size, batch_count, scheduler,
+                 *slot_values, progress=gr.Progress()):  # noqa: B008 - Gradio's way to ask for progress
+        params = make_params(prompt, negative, seed, steps, cfg, width, height, batch_size, batch_count, scheduler)
+        blend = collect_blend(selected, slot_values)
+        progress(0, desc="generating")
+        result = engine.generate(params, blend, str(mode), progress=lambda f: progress(f, desc="generating"))
+        paths = []
+        for image, s, text in zip(result.images, result.seeds, result.infotexts, strict=True):
+            paths.append(str(save_png(image, next_output_path(output_dir, s), text)))
+        return paths, result.infotexts[0], f"seed used: {result.seeds[0]}"
+
+    @friendly
+    def grid(selected, mode, x_lora, x_values, y_kind, y_lora, y_values, prompt, negative, seed, steps, cfg, width,
+             height, scheduler, *slot_values):
+        params = make_params(prompt, negative, seed, steps, cfg, width, height, 1, 1, scheduler)
+        blend = collect_blend(selected, slot_values)
+        x = Axis("lora", _floats(x_values), lora=str(x_lora or ""))
+        y = Axis(str(y_kind), _floats(y_values), lora=str(y_lora or ""))
+        for axis in (x, y):
+            if axis.kind == "lora":
+                engine.library.get(axis.lora)
+        image, texts = xy_grid(engine, params, blend, x, y, str(mode))
+        path = next_output_path(output_dir, params.seed if params.seed != -1 else 0)
+        save_png(image, path.with_name(path.stem + "-grid.png"), texts[0])
+        return str(path.with_name(path.stem + "-grid.png"))
+
+    @friendly
+    def load_png(image):
+        if image is None:
+            raise gr.Error("drop a PNG first", print_exception=False)
+        p = read_png_parameters(image)
+        text, tags = parse_prompt(p["prompt"])
+        names = [t.name for t in tags if t.name in usable][:MAX_SLOTS]
+        width, height = (int(v) for v in p.get("Size", f"{DEFAULTS.width}x{DEFAULTS.height}").split("x"))
+        sampler = p.get("Sampler", DEFAULTS.scheduler)
+        out = [text, p["negative_prompt"], int(p.get("Seed", -1)), int(p.get("Steps", DEFAULTS.steps)),
+               float(p.get("CFG scale", DEFAULTS.cfg_scale)), width, height,
+               sampler if sampler in SCHEDULERS else DEFAULTS.scheduler, names]
+        slot_updates = slots_for(names)
+        by_name = {t.name: t for t in tags}
+        for i, name in enumerate(names):
+            slot_updates[4 * i + 2] = gr.update(value=by_name[name].unet)
+            slot_updates[4 * i + 3] = gr.update(value=by_name[name].te_weight)
+        return out + slot_updates
+
+    def insert_trigger(sample, prompt):
+        word = (sample[0] if isinstance(sample, list | tuple) else str(sample)).strip()
+        if not word:
+            return prompt
+        return f"{word}, {prompt}" if prompt else word
+
+    with gr.Blocks(title="sdlora blend studio") as app:
+        gr.Markdown("## sdlora blend studio")
+        with gr.Row():
+            with gr.Column(scale=2):
+                prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
+                negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative")
+                with gr.Row():
+                    seed = gr.Number(label="Seed (-1: random)", value=DEFAULTS.seed, precision=0, elem_id="seed")
+                    steps = gr.Slider(1, 150, value=DEFAULTS.steps, step=1, label="Steps", elem_id="steps")
+                    cfg = gr.Slider(0, 30, value=DEFAULTS.cfg_scale, step=0.5, label="CFG scale", elem_id="cfg")
+                with gr.Row():
+                    width = gr.Slider(64, 2048, value=DEFAULTS.width, step=8, label="Width", elem_id="width")
+                    height = gr.Slider(64, 2048, value=DEFAULTS.height, step=8, label="Height", elem_id="height")
+                    batch_size = gr.Slider(1, 8, value=1, step=1, label="Batch size")
+                    batch_count = gr.Slider(1, 16, value=1, step=1, label="Batch count")
+                with gr.Row():
+                    scheduler = gr.Dropdown(list(SCHEDULERS), value=DEFAULTS.scheduler, label="Sampler", elem_id="sampler")
+                    mode = gr.Radio(["exact", "fast"], value="exact", label="Blend mode", elem_id="mode")
+                go = gr.Button("Generate", variant="primary", elem_id="generate")
+                gallery = gr.Gallery(label="Images", elem_id="gallery", columns=4, height="auto")
+                info = gr.Textbox(label="Parameters", lines=3, interactive=False, elem_id="info")
+                seed_used = gr.Textbox(label="Seed", interactive=False, elem_id="seed-used")
+            with gr.Column(scale=1):
+                gr.Markdown("### LoRAs")
+                gr.Dataframe(value=_cards(engine), headers=["name", "family", "rank", "trigger words", "weight", "kind",
+                                                            "status"], interactive=False, wrap=True, elem_id="cards")
+                previews = [(str(e.preview), e.name) for e in engine.library.entries.values() if e.preview]
+                if previews:
+                    from PIL import Image
+
+                    gr.Gallery(value=[(Image.open(p).convert("RGB"), n) for p, n in previews], label="Previews",
+                               columns=3, height="auto")
+                triggers = [[w] for e in engine.library.entries.values() if e.compatible for w in e.triggers]
+                if triggers:
+                    trig = gr.Dataset(components=[gr.Textbox(visible=False)], samples=triggers,
+                                      label="Trigger words (click to insert)", elem_id="triggers")
+                    trig.click(insert_trigger, [trig, prompt], prompt)
+                selected = gr.CheckboxGroup(usable, label="Use", elem_id="selected")
+                slot_components, rows = [], []
+                for i in range(MAX_SLOTS):
+                    with gr.Group(visible=False) as row:
+                        name = gr.Textbox(label="LoRA", interactive=False, elem_id=f"slot{i}-name")
+                        unet_w = gr.Slider(*WEIGHT_RANGE, value=1.0, step=0.05, label="UNet weight",
+                                           elem_id=f"slot{i}-unet")
+                        te_w = gr.Slider(*WEIGHT_RANGE, value=1.0, step=0.05, label="Text-encoder weight",
+                                         elem_id=f"slot{i}-te")
+                    rows.append(row)
+                    slot_components += [name, unet_w, te_w]
+                slot_outputs = [c for i in range(MAX_SLOTS) for c in (rows[i], *slot_components[3 * i: 3 * i + 3])]
+                selected.change(slots_for, selected, slot_outputs)
+        with gr.Accordion("X/Y grid", open=False):
+            with gr.Row():
+                x_lora = gr.Dropdown(usable, label="X: LoRA weight of", elem_id="x-lora")
+                x_values = gr.Textbox(value="0, 0.5, 1", label="X values", elem_id="x-values")
+                y_kind = gr.Dropdown(list(AXIS_KINDS), value="seed", label="Y axis", elem_id="y-kind")
+                y_lora = gr.Dropdown(usable, label="Y: LoRA (for a LoRA axis)", elem_id="y-lora")
+                y_values = gr.Textbox(value="1, 2", label="Y values", elem_id="y-values")
+            grid_go = gr.Button("Make grid", elem_id="grid")
+            grid_out = gr.Image(label="Grid", elem_id="grid-image", type="filepath")
+        with gr.Accordion("Load parameters from a PNG", open=False):
+            png = gr.Image(type="pil", label="PNG with parameters", elem_id="png-info", image_mode=None)
+            load = gr.Button("Load into the form", elem_id="load-png")
+
+        common = [prompt, negative, seed, steps, cfg, width, height]
+        go.click(generate, [selected, mode, *common, batch_size, batch_count, scheduler, *slot_components],
+                 [gallery, info, seed_used], concurrency_limit=1, concurrency_id="gpu")
+        grid_go.click(grid, [selected, mode, x_lora, x_values, y_kind, y_lora, y_values, *common, scheduler,
+                             *slot_components], grid_out, concurrency_limit=1, concurrency_id="gpu")
+        load.click(load_png, png, [*common, scheduler, selected, *slot_outputs])
+    app.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
+    return app
+
+
+def _floats(text: str) -> list[float]:
+    from sdlora.errors import ConfigError
+
+    try:
+        return [float(v) for v in str(text).replace(";", ",").split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"axis values must be numbers separated by commas, got {text!r}") from None
+
+
+def serve(base: str, lora_dir: Path, output_dir: Path, host: str = "127.0.0.1", port: int = 7860,
+          block: bool = True):
+    """Start the UI. Gradio may read files from the outputs folder only (its cache lives inside it)."""
+    import os
+
+    output_dir = Path(output_dir).resolve()
+    cache = output_dir / ".gradio"
+    cache.mkdir(parents=True, exist_ok=True)
+    os.environ["GRADIO_TEMP_DIR"] = str(cache)
+    engine = Engine(base, lora_dir)
+    app = build_app(engine, output_dir)
+    app.launch(server_name=host, server_port=port, share=False, allowed_paths=[str(output_dir)],
+               blocked_paths=[str(Path(lora_dir).resolve())] if lora_dir else None, prevent_thread_lock=not block,
+               quiet=True, show_error=True)
+    return app
+
+
+__all__ = ["build_app", "serve"]
