@@ -26,6 +26,7 @@ from .lorafile import Fit, LoraFile, fit, read_lora
 from .models import Base, load_base
 
 WEIGHT_RANGE = (-2.0, 2.0)
+MAX_LIVE_ADAPTERS = 8  # peft adapters kept inside the pipeline at once (parsed files are cached without limit)
 MODES = ("exact", "fast")
 LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([-+]?[0-9]*\.?[0-9]+))?(?::([-+]?[0-9]*\.?[0-9]+))?>")
 
@@ -241,9 +242,21 @@ class Engine:
             return
         if not items:
             if self._adapters:
-                self.pipe.disable_lora()
+                # Remove peft's wrappers entirely, so a merged (fast) blend or the bare base runs at base speed.
+                # The parsed files stay cached in memory; going back to exact mode reads no file.
+                self.pipe.unload_lora_weights()
+                self._adapters.clear()
             self._exact = ()
             return
+        wanted = {self._adapter_name(k) for _, k, _ in items}
+        stale = [n for n in self._adapters if n not in wanted]
+        if len(self._adapters) + len(wanted - self._adapters.keys()) > MAX_LIVE_ADAPTERS and stale:
+            # peft walks every module of the model on each load, and the walk grows with each live adapter; keeping
+            # a bounded number live keeps loading one more LoRA flat however many the library holds.
+            evict = stale[: len(self._adapters) + len(wanted - self._adapters.keys()) - MAX_LIVE_ADAPTERS]
+            self.pipe.delete_adapters(evict)
+            for n in evict:
+                del self._adapters[n]
         for _, key, lf in items:
             name = self._adapter_name(key)
             if name not in self._adapters:
@@ -264,11 +277,18 @@ class Engine:
         if state == self._merged:
             return
         models = self.base.modules()
-        for (component, path), original in self._backup.items():  # back to the base, exactly
-            _weight(models[component], path).copy_(original)
-        for item, _, result in items:
+        old = {k: (u, t) for k, u, t in self._merged}
+        if [k for k, _, _ in state] == [k for k, _, _ in self._merged]:
+            # Same LoRAs, new weights: add only the change of the LoRAs whose weights moved.
+            changes = [(i, r, i.unet - old[k][0], i.te_weight - old[k][1]) for i, k, r in items
+                       if (i.unet, i.te_weight) != old[k]]
+        else:
+            for (component, path), original in self._backup.items():  # back to the base, exactly
+                _weight(models[component], path).copy_(original)
+            changes = [(i, r, i.unet, i.te_weight) for i, _, r in items]
+        for _, result, unet_w, te_w in changes:
             for t in result.targets:
-                w = item.unet if t.component == "unet" else item.te_weight
+                w = unet_w if t.component == "unet" else te_w
                 if w == 0:
                     continue
                 weight = _weight(models[t.component], t.path)

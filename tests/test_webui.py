@@ -100,6 +100,9 @@ def test_select_weight_generate_in_a_browser(server):
         page.wait_for_selector("#gallery img", timeout=120_000)
         page.wait_for_function("document.querySelector('#info textarea').value.includes('Seed: 5')", timeout=60_000)
         info = page.locator("#info textarea").input_value()
+        # The LoRA named like HTML is shown as text: no element was made from it.
+        assert page.locator("img[src='x']").count() == 0 and page.locator("b", has_text="bold").count() == 0
+        assert page.get_by_text("<b>bold<img src=x onerror=alert(1)>").count() >= 1
         page.screenshot(path=str(ARTIFACTS / "webui.png"), full_page=True)
         browser.close()
     assert "<lora:inkstyle:0.6:0.8>" in info and "<lora:watercolor:1.2:0.4>" in info
@@ -169,3 +172,22 @@ def test_metadata_is_text_and_symlinks_out_are_not_listed(server):
 def test_wider_address_needs_an_explicit_flag(capsys, tmp_path):
     assert main(["webui", "--lora-dir", str(tmp_path), "--host", "0.0.0.0"]) == 2
     assert "--listen" in capsys.readouterr().err
+
+
+def test_grid_and_png_info_through_the_api(server):
+    from gradio_client import Client, handle_file
+
+    client = Client(server["url"], verbose=False)
+    slots = ["", 1.0, 1.0] * 6
+    grid = client.predict(["watercolor"], "fast", "inkstyle", "0, 1", "seed", None, "1, 2", "a circle", "", 3, 2, 5.0,
+                          64, 64, "Euler", *slots, api_name="/grid")
+    from PIL import Image
+
+    with Image.open(grid) as g:
+        assert g.size == (110 + 2 * 64, 24 + 2 * 64)
+    saved = sorted(server["out"].glob("*.png"))
+    png = next(p for p in saved if not p.name.endswith("-grid.png"))
+    values = client.predict(handle_file(str(png)), api_name="/load_png")
+    recipe = read_png_parameters(png)
+    assert values[0] == "a red circle" and values[2] == int(recipe["Seed"]) and values[5] == 64
+    assert values[8] == ["inkstyle", "watercolor"]
