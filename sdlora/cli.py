@@ -66,7 +66,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
         path, unet_w, te_w = parse_lora_arg(arg)
         files.append(path)
         blend.append(BlendItem(path.stem, unet=unet_w, te=te_w))
-    engine = Engine(ns.base, lora_files=files)
+    engine = Engine(ns.base, lora_files=files, base_config=ns.base_config)
     params = Params(prompt=ns.prompt, negative_prompt=ns.negative_prompt, seed=ns.seed, steps=ns.steps,
                     cfg_scale=ns.cfg, width=ns.width, height=ns.height, batch_size=ns.batch_size,
                     batch_count=ns.batch_count, scheduler=ns.scheduler)
@@ -130,7 +130,7 @@ def cmd_webui(ns: argparse.Namespace) -> int:
     from webui.app import serve
 
     print(f"sdlora web UI on http://{ns.host}:{ns.port} (Ctrl+C to stop)", file=sys.stderr)
-    serve(ns.base, ns.lora_dir, ns.output_dir, host=ns.host, port=ns.port)
+    serve(ns.base, ns.lora_dir, ns.output_dir, host=ns.host, port=ns.port, base_config=ns.base_config)
     return 0
 
 
@@ -157,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate images with a base model and a weighted blend of LoRAs. Prompts may "
                                    "also hold <lora:name:w> tags naming LoRAs given with --lora.")
     p.add_argument("--base", default="tiny-sd", help="Base model (as for train).")
+    p.add_argument("--base-config", help="For a single-file --base: diffusers folder or Hub id with its configs.")
     p.add_argument("--lora", action="append", metavar="PATH[:W]",
                    help="LoRA file and weight, or PATH:TE_W:UNET_W (repeatable; weights in [-2, 2]).")
     p.add_argument("--prompt", required=True, help="Prompt text.")
@@ -177,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("webui", help="Start the blend studio in the browser (Gradio).",
                        description="Start the blend studio: pick LoRAs from a folder, weight them, generate, grid.")
     p.add_argument("--base", default="tiny-sd", help="Base model (as for train).")
+    p.add_argument("--base-config", help="For a single-file --base: diffusers folder or Hub id with its configs.")
     p.add_argument("--lora-dir", type=Path, required=True, help="Folder of .safetensors LoRAs (searched recursively).")
     p.add_argument("--output-dir", type=Path, default=Path("outputs"), help="Where images are saved (default: outputs).")
     p.add_argument("--host", default="127.0.0.1", help="Address to bind (default: 127.0.0.1).")

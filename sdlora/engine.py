@@ -185,8 +185,8 @@ class Result:
 
 class Engine:
     def __init__(self, base: str | Base, lora_dir: Path | None = None, *, lora_files: list[Path] = (),
-                 device: str | None = None, dtype: torch.dtype | None = None):
-        self.base = load_base(base) if isinstance(base, str) else base
+                 base_config: str | None = None, device: str | None = None, dtype: torch.dtype | None = None):
+        self.base = load_base(base, config=base_config) if isinstance(base, str) else base
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.pipe = self.base.pipeline()

@@ -72,8 +72,9 @@ class Base:
         return out
 
 
-def load_base(spec: str, *, prediction_type: str | None = None, seed: int = 0) -> Base:
-    """Load the base named by `spec`: a built-in, a diffusers folder, a .safetensors file or a Hub id."""
+def load_base(spec: str, *, prediction_type: str | None = None, seed: int = 0, config: str | None = None) -> Base:
+    """Load the base named by `spec`: a built-in, a diffusers folder, a .safetensors file or a Hub id.
+    `config` (a diffusers folder or Hub id) gives a single-file checkpoint its component configs and tokenizer."""
     spec = str(spec)
     if spec in BUILTINS:
         base = build_tiny(spec, seed=seed)
@@ -89,7 +90,7 @@ def load_base(spec: str, *, prediction_type: str | None = None, seed: int = 0) -
         elif path.suffix.lower() == ".safetensors":
             if not path.is_file():
                 raise ModelError(f"base model file not found: {path}")
-            base = _load_single_file(path)
+            base = _load_single_file(path, config)
         elif _looks_like_hub_id(spec) and not path.exists():
             base = _load_hub(spec)
         else:
@@ -262,7 +263,7 @@ def checkpoint_family(keys) -> str:
     )
 
 
-def _load_single_file(path: Path) -> Base:
+def _load_single_file(path: Path, config: str | None = None) -> Base:
     from safetensors import safe_open
 
     from .safefiles import check_safetensors
@@ -276,18 +277,23 @@ def _load_single_file(path: Path) -> Base:
         raise ModelError(f"{path}: {e}") from None
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    kwargs: dict = {}
+    if config:
+        if not Path(config).is_dir() and not _looks_like_hub_id(config):
+            raise ModelError(f"--base-config {config!r} is neither a diffusers folder nor a Hub id")
+        kwargs = {"config": str(config), "local_files_only": Path(config).is_dir()}
     try:
         if family == "sdxl":
-            pipe = StableDiffusionXLPipeline.from_single_file(str(path))
+            pipe = StableDiffusionXLPipeline.from_single_file(str(path), **kwargs)
         else:
             pipe = StableDiffusionPipeline.from_single_file(
-                str(path), safety_checker=None, requires_safety_checker=False
+                str(path), safety_checker=None, requires_safety_checker=False, **kwargs
             )
     except Exception as e:  # diffusers raises many kinds here; all mean "cannot use this file"
         raise ModelError(
-            f"{path}: detected {family}, but diffusers could not build the pipeline: {e}. Single-file loading "
-            "needs the model's configuration from the Hugging Face cache or the Hub; offline, convert the file to "
-            "a diffusers folder on a connected machine and pass that folder."
+            f"{path}: detected {family}, but diffusers could not build the pipeline: {e}. A single file holds the "
+            "weights only: the configs and tokenizer come from the Hugging Face cache or the Hub, or from "
+            "--base-config DIR (a diffusers folder of the same model family)."
         ) from e
     return _from_pipeline(path.stem, pipe, family)
 

@@ -81,7 +81,7 @@ def train(cfg: TrainConfig, *, progress: bool = False) -> TrainResult:
 
     # 2. The base, frozen; LoRA on the UNet and optionally the text encoders.
     torch.manual_seed(cfg.seed)
-    base = load_base(cfg.base, seed=cfg.seed, prediction_type=cfg.prediction_type or None)
+    base = load_base(cfg.base, seed=cfg.seed, prediction_type=cfg.prediction_type or None, config=cfg.base_config or None)
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     base_params = sum(p.numel() for m in [base.unet, *base.text_encoders] for p in m.parameters())

@@ -5,7 +5,6 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from test_formats import write_adapter
 
 from sdlora.cli import main
 from sdlora.engine import BlendItem, Engine, Params, parse_prompt
@@ -13,6 +12,8 @@ from sdlora.errors import ConfigError, FormatError
 from sdlora.grid import Axis, xy_grid
 from sdlora.lorafile import read_lora
 from sdlora.recipe import parse_parameters, read_png_parameters, save_png
+
+from test_formats import write_adapter
 
 
 @pytest.fixture(scope="module")

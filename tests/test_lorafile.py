@@ -6,13 +6,14 @@ import struct
 import pytest
 import torch
 from safetensors.torch import save, save_file
-from test_formats import write_adapter
 
 from sdlora.cli import main
 from sdlora.convert import convert, info
 from sdlora.errors import FormatError
 from sdlora.lorafile import FileModule, fit, read_lora
 from sdlora.models import build_tiny
+
+from test_formats import write_adapter
 
 Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"  # a tiny-sd layer: Linear(32, 32)
 

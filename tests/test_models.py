@@ -71,3 +71,44 @@ def test_single_file_errors(tmp_path):
         load_base(str(tmp_path / "x.ckpt"))
     with pytest.raises(ModelError, match="not found"):
         load_base(str(tmp_path / "nothing-here"))
+
+
+def test_single_file_checkpoint_trains_with_a_local_config(tmp_path, dataset):
+    """An A1111-style single file (LDM layout) loads to the same weights, offline, and trains."""
+    from safetensors.torch import save_file
+
+    from sdlora.cli import main
+
+    from ldm_layout import ldm_checkpoint
+
+    base = build_tiny("tiny-sd")
+    save_file(ldm_checkpoint(base), str(tmp_path / "tiny.safetensors"))
+    base.pipeline().save_pretrained(tmp_path / "cfg")
+    loaded = load_base(str(tmp_path / "tiny.safetensors"), config=str(tmp_path / "cfg"))
+    assert loaded.family == "sd1" and loaded.name == "tiny"
+    for ref, got in ((base.unet, loaded.unet), (base.vae, loaded.vae), (base.text_encoders[0], loaded.text_encoders[0])):
+        a, b = ref.state_dict(), got.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert main(["-q", "train", "--base", str(tmp_path / "tiny.safetensors"), "--base-config", str(tmp_path / "cfg"),
+                 "--data", str(dataset), "--resolution", "64", "--steps", "1", "--output-dir", str(tmp_path / "o")]) == 0
+    with pytest.raises(ModelError, match="--base-config"):
+        load_base(str(tmp_path / "tiny.safetensors"), config=str(tmp_path / "missing-folder"))
+
+
+def test_hub_id_loads_from_the_local_cache_offline(tmp_path):
+    """A Hub id resolves from the Hugging Face cache with the network off (the cache is laid out by hand)."""
+    import os
+    import subprocess
+    import sys
+
+    snapshot = tmp_path / "hub" / "models--sdlora-test--tiny" / "snapshots" / ("a" * 40)
+    build_tiny("tiny-sd").pipeline().save_pretrained(snapshot)
+    (tmp_path / "hub" / "models--sdlora-test--tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--sdlora-test--tiny" / "refs" / "main").write_text("a" * 40)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    code = ("from sdlora.models import load_base; b = load_base('sdlora-test/tiny'); "
+            "print(b.family, sum(p.numel() for p in b.unet.parameters()))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[0] == "sd1"
+    assert int(out.stdout.split()[1]) == sum(p.numel() for p in build_tiny("tiny-sd").unet.parameters())

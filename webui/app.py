@@ -205,7 +205,7 @@ def _floats(text: str) -> list[float]:
 
 
 def serve(base: str, lora_dir: Path, output_dir: Path, host: str = "127.0.0.1", port: int = 7860,
-          block: bool = True):
+          block: bool = True, base_config: str | None = None):
     """Start the UI. Gradio may read files from the outputs folder only (its cache lives inside it)."""
     import os
 
@@ -213,7 +213,7 @@ def serve(base: str, lora_dir: Path, output_dir: Path, host: str = "127.0.0.1", 
     cache = output_dir / ".gradio"
     cache.mkdir(parents=True, exist_ok=True)
     os.environ["GRADIO_TEMP_DIR"] = str(cache)
-    engine = Engine(base, lora_dir)
+    engine = Engine(base, lora_dir, base_config=base_config)
     app = build_app(engine, output_dir)
     app.launch(server_name=host, server_port=port, share=False, allowed_paths=[str(output_dir)],
                blocked_paths=[str(Path(lora_dir).resolve())] if lora_dir else None, prevent_thread_lock=not block,
