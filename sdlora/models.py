@@ -17,7 +17,7 @@ import torch
 from .errors import ModelError
 
 FAMILIES = ("sd1", "sd2", "sdxl")
-BUILTINS = ("tiny-sd", "tiny-sdxl")
+BUILTINS = ("tiny-sd", "tiny-sdxl", "toy")
 
 
 @dataclass
@@ -76,7 +76,11 @@ def load_base(spec: str, *, prediction_type: str | None = None, seed: int = 0, c
     """Load the base named by `spec`: a built-in, a diffusers folder, a .safetensors file or a Hub id.
     `config` (a diffusers folder or Hub id) gives a single-file checkpoint its component configs and tokenizer."""
     spec = str(spec)
-    if spec in BUILTINS:
+    if spec == "toy":
+        from .toy.base import load_toy
+
+        base = load_toy()
+    elif spec in BUILTINS:
         base = build_tiny(spec, seed=seed)
     else:
         path = Path(spec).expanduser()
