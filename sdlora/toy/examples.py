@@ -7,6 +7,7 @@ style's trigger word, laid out as a user's folder would be (`rim/` uses kohya's 
 from __future__ import annotations
 
 import argparse
+import logging
 import random
 from pathlib import Path
 
@@ -40,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sdlora.toy.examples", description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[2] / "datasets_example")
     args = ap.parse_args(argv)
-    print(f"wrote {len(write_examples(args.out))} images under {args.out}")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("sdlora").info(f"wrote {len(write_examples(args.out))} images under {args.out}")
     return 0
 
 

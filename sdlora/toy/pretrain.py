@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import platform
 import random
 import sys
@@ -198,8 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=WEIGHTS)
     args = ap.parse_args(argv)
 
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    log = logging.getLogger("sdlora.toy.pretrain").info
 
     started = time.time()
     rng = random.Random(args.seed)
