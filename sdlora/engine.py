@@ -323,22 +323,38 @@ class Engine:
             total = params.batch_count * params.steps
             for batch in range(params.batch_count):
                 batch_seeds = [seed + batch * params.batch_size + i for i in range(params.batch_size)]
-                gens = [torch.Generator("cpu").manual_seed(s) for s in batch_seeds]
 
                 def on_step(pipe, step, timestep, kwargs, _batch=batch):
                     if progress is not None:
                         progress((_batch * params.steps + step + 1) / total)
                     return kwargs
 
-                out = self.pipe(text, negative_prompt=params.negative_prompt or None, num_inference_steps=params.steps,
-                                guidance_scale=params.cfg_scale, width=params.width, height=params.height,
-                                num_images_per_prompt=params.batch_size, generator=gens,
-                                callback_on_step_end=on_step).images
-                images += out
+                images += self._call([text] * params.batch_size, batch_seeds, params, on_step)
                 seeds += batch_seeds
             for s in seeds:
                 texts.append(self.infotext(params, text, blend, s))
         return Result(images, seeds, texts)
+
+    def render(self, prompts: list[str], seeds: list[int], params: Params, blend: list[BlendItem] | None = None,
+               mode: str = "exact") -> list:
+        """One image per (prompt, seed) pair, all in one pipeline call: for measuring many prompts at once
+        (`sdlora demo`). Prompts are plain text here (no <lora:...> tags); params.prompt and batch are unused."""
+        from .schedulers import make_scheduler
+
+        if len(prompts) != len(seeds):
+            raise ConfigError(f"render needs one seed per prompt, got {len(prompts)} prompts and {len(seeds)} seeds")
+        params.check()
+        with self.lock:
+            self.apply(blend or [], mode)
+            self.pipe.scheduler = make_scheduler(params.scheduler, self.base.scheduler.config)
+            return self._call(prompts, seeds, params)
+
+    def _call(self, prompts: list[str], seeds: list[int], params: Params, on_step=None) -> list:
+        gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        negative = [params.negative_prompt] * len(prompts) if params.negative_prompt else None  # diffusers: same type
+        return self.pipe(prompts, negative_prompt=negative, num_inference_steps=params.steps,
+                         guidance_scale=params.cfg_scale, width=params.width, height=params.height,
+                         generator=gens, callback_on_step_end=on_step).images
 
     def infotext(self, params: Params, text: str, blend: list[BlendItem], seed: int) -> str:
         from .recipe import a1111_parameters

@@ -171,6 +171,17 @@ def test_seed_batch_and_random_seed(engine):
     assert 0 <= rnd.seeds[0] < 2**32
 
 
+def test_render_draws_many_prompts_in_one_call_as_generate_would(engine):
+    blend = [BlendItem("alpha", 0.8)]
+    drawn = engine.render(["a red circle", "a blue square"], [4, 9], Params(**PARAMS), blend, "fast")
+    for img, (prompt, seed) in zip(drawn, [("a red circle", 4), ("a blue square", 9)], strict=True):
+        one = engine.generate(Params(**{**PARAMS, "prompt": prompt, "seed": seed}), blend, "fast").images[0]
+        assert np.abs(np.asarray(one, dtype=int) - np.asarray(img, dtype=int)).max() <= 2
+    assert np.abs(np.asarray(drawn[0], dtype=int) - np.asarray(drawn[1], dtype=int)).mean() > 1
+    with pytest.raises(ConfigError, match="one seed per prompt"):
+        engine.render(["a", "b"], [1], Params(**PARAMS))
+
+
 def test_xy_grid(engine):
     grid, texts = xy_grid(engine, Params(**PARAMS), [BlendItem("beta", 0.5)], Axis("lora", [0, 0.5, 1], lora="alpha"),
                           Axis("seed", [1, 2]))
