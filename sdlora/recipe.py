@@ -12,13 +12,14 @@ from .safefiles import atomic_write_bytes
 
 def a1111_parameters(prompt: str, negative: str, steps: int, sampler: str, cfg_scale: float, seed: int,
                      width: int, height: int, model: str, loras: dict[str, str]) -> str:
-    """A1111's `parameters` text: prompt line(s), `Negative prompt:`, then one `key: value` line."""
+    """A1111's `parameters` text: prompt line(s), `Negative prompt:` (when there is one), one `key: value` line."""
     pairs = [("Steps", steps), ("Sampler", sampler.replace(" Karras", "")),
              *([("Schedule type", "Karras")] if sampler.endswith("Karras") else []),
              ("CFG scale", f"{cfg_scale:g}"), ("Seed", seed), ("Size", f"{width}x{height}"), ("Model", model)]
     if loras:
         pairs.append(("Lora hashes", '"' + ", ".join(f"{n}: {h}" for n, h in loras.items()) + '"'))
-    return f"{prompt}\nNegative prompt: {negative}\n" + ", ".join(f"{k}: {v}" for k, v in pairs)
+    negative_line = f"Negative prompt: {negative}\n" if negative else ""  # A1111 leaves the line out when empty
+    return f"{prompt}\n{negative_line}" + ", ".join(f"{k}: {v}" for k, v in pairs)
 
 
 def parse_parameters(text: str) -> dict:
