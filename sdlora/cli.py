@@ -10,7 +10,7 @@ import typing
 from pathlib import Path
 
 from . import __version__
-from .config import build_config, default_of, load_toml, option_fields
+from .config import Params, build_config, default_of, load_toml, option_fields
 from .errors import SdloraError
 from .schedulers import SCHEDULERS
 
@@ -58,7 +58,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:
-    from .engine import BlendItem, Engine, Params
+    from .engine import BlendItem, Engine
     from .recipe import next_output_path, save_png
 
     files, blend = [], []
@@ -168,14 +168,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LoRA file and weight, or PATH:TE_W:UNET_W (repeatable; weights in [-2, 2]).")
     p.add_argument("--prompt", required=True, help="Prompt text.")
     p.add_argument("--negative-prompt", default="", help="Negative prompt.")
-    p.add_argument("--seed", type=int, default=-1, help="Seed; -1 picks one and reports it (default: -1).")
-    p.add_argument("--steps", type=int, default=20, help="Denoising steps (default: 20).")
-    p.add_argument("--cfg", type=float, default=7.0, help="Classifier-free guidance scale (default: 7).")
-    p.add_argument("--width", type=int, default=512, help="Image width, a multiple of 8 (default: 512).")
-    p.add_argument("--height", type=int, default=512, help="Image height, a multiple of 8 (default: 512).")
-    p.add_argument("--batch-size", type=int, default=1, help="Images per batch (default: 1).")
-    p.add_argument("--batch-count", type=int, default=1, help="Number of batches (default: 1).")
-    p.add_argument("--scheduler", default="Euler a", choices=list(SCHEDULERS), help="Sampler (default: Euler a).")
+    d = Params(prompt="")  # the engine's defaults, stated once
+    p.add_argument("--seed", type=int, default=d.seed, help=f"Seed; -1 picks one and reports it (default: {d.seed}).")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"Denoising steps (default: {d.steps}).")
+    p.add_argument("--cfg", type=float, default=d.cfg_scale,
+                   help=f"Classifier-free guidance scale (default: {d.cfg_scale:g}).")
+    p.add_argument("--width", type=int, default=d.width,
+                   help="Image width, a multiple of 8 (default: the base's native size: 512 for SD 1.x, 1024 for SDXL).")
+    p.add_argument("--height", type=int, default=d.height, help="Image height, a multiple of 8 (default: as width).")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"Images per batch (default: {d.batch_size}).")
+    p.add_argument("--batch-count", type=int, default=d.batch_count,
+                   help=f"Number of batches (default: {d.batch_count}).")
+    p.add_argument("--scheduler", default=d.scheduler, choices=list(SCHEDULERS),
+                   help=f"Sampler (default: {d.scheduler}).")
     p.add_argument("--fuse", action="store_true", help="Merge the blend into the base weights (fast mode).")
     p.add_argument("--out", type=Path, help="Output PNG (default: numbered files in --output-dir).")
     p.add_argument("--output-dir", type=Path, default=Path("outputs"), help="Folder for numbered outputs.")

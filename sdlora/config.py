@@ -161,6 +161,38 @@ class TrainConfig:
                     raise ConfigError(f"{f.name} must be one of {', '.join(choices)}; got {getattr(group, f.name)!r}")
 
 
+# ---------------------------------------------------------------- generation (CLI generate, web UI, engine)
+
+@dataclass
+class Params:
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = -1
+    steps: int = 20
+    cfg_scale: float = 7.0
+    width: int = 0  # 0: the base's native size (512 for SD 1.x, 768 for SD 2.x, 1024 for SDXL)
+    height: int = 0
+    batch_size: int = 1
+    batch_count: int = 1
+    scheduler: str = "Euler a"
+
+    def check(self) -> None:
+        from .schedulers import SCHEDULERS
+
+        if self.width % 8 or self.height % 8 or not (8 <= self.width <= 2048 and 8 <= self.height <= 2048):
+            raise ConfigError(f"width and height must be multiples of 8 between 8 and 2048, got {self.width}x{self.height}")
+        if not 1 <= self.steps <= 150:
+            raise ConfigError(f"steps must be between 1 and 150, got {self.steps}")
+        if not 0 <= self.cfg_scale <= 30:
+            raise ConfigError(f"CFG scale must be between 0 and 30, got {self.cfg_scale}")
+        if not 1 <= self.batch_size <= 8 or not 1 <= self.batch_count <= 16:
+            raise ConfigError(f"batch size must be 1-8 and batch count 1-16, got {self.batch_size} and {self.batch_count}")
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(f"unknown scheduler {self.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
+        if not -1 <= self.seed < 2**32:
+            raise ConfigError(f"seed must be -1 (random) or between 0 and {2**32 - 1}, got {self.seed}")
+
+
 def _positive(name: str, value) -> None:
     if value is None or value <= 0:
         raise ConfigError(f"{name} must be > 0, got {value}")

@@ -16,11 +16,12 @@ import random
 import re
 import threading
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from .config import Params
 from .errors import ConfigError, FormatError
 from .lorafile import Fit, LoraFile, fit, read_lora
 from .models import Base, load_base
@@ -143,36 +144,6 @@ class LoraLibrary:
         if not entry.compatible:
             raise FormatError(f"LoRA {name!r} cannot be applied: {entry.problem}")
         return entry
-
-
-@dataclass
-class Params:
-    prompt: str
-    negative_prompt: str = ""
-    seed: int = -1
-    steps: int = 20
-    cfg_scale: float = 7.0
-    width: int = 512
-    height: int = 512
-    batch_size: int = 1
-    batch_count: int = 1
-    scheduler: str = "Euler a"
-
-    def check(self) -> None:
-        from .schedulers import SCHEDULERS
-
-        if self.width % 8 or self.height % 8 or not (8 <= self.width <= 2048 and 8 <= self.height <= 2048):
-            raise ConfigError(f"width and height must be multiples of 8 between 8 and 2048, got {self.width}x{self.height}")
-        if not 1 <= self.steps <= 150:
-            raise ConfigError(f"steps must be between 1 and 150, got {self.steps}")
-        if not 0 <= self.cfg_scale <= 30:
-            raise ConfigError(f"CFG scale must be between 0 and 30, got {self.cfg_scale}")
-        if not 1 <= self.batch_size <= 8 or not 1 <= self.batch_count <= 16:
-            raise ConfigError(f"batch size must be 1-8 and batch count 1-16, got {self.batch_size} and {self.batch_count}")
-        if self.scheduler not in SCHEDULERS:
-            raise ConfigError(f"unknown scheduler {self.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
-        if not -1 <= self.seed < 2**32:
-            raise ConfigError(f"seed must be -1 (random) or between 0 and {2**32 - 1}, got {self.seed}")
 
 
 @dataclass
@@ -306,10 +277,21 @@ class Engine:
 
     # ------------------------------------------------------------ generating
 
+    @property
+    def native_size(self) -> int:
+        """The size the base was trained at, diffusers' own default: the UNet's sample size x the VAE's scale."""
+        size = self.pipe.unet.config.sample_size
+        return int(size[0] if isinstance(size, list | tuple) else size) * int(self.pipe.vae_scale_factor)
+
+    def sized(self, params: Params) -> Params:
+        """params with a width or height of 0 set to the base's native size."""
+        return replace(params, width=params.width or self.native_size, height=params.height or self.native_size)
+
     def generate(self, params: Params, blend: list[BlendItem] | None = None, mode: str = "exact",
                  progress=None) -> Result:
         from .schedulers import make_scheduler
 
+        params = self.sized(params)
         params.check()
         text, tagged = parse_prompt(params.prompt)
         merged = {b.name: b for b in blend or []}
@@ -343,6 +325,7 @@ class Engine:
 
         if len(prompts) != len(seeds):
             raise ConfigError(f"render needs one seed per prompt, got {len(prompts)} prompts and {len(seeds)} seeds")
+        params = self.sized(params)
         params.check()
         with self.lock:
             self.apply(blend or [], mode)

@@ -1,7 +1,7 @@
 import pytest
 
 from sdlora.cli import build_parser, train_config_from_args
-from sdlora.config import TrainConfig, build_config, load_toml, option_fields
+from sdlora.config import Params, TrainConfig, build_config, load_toml, option_fields
 from sdlora.errors import ConfigError
 
 
@@ -13,6 +13,13 @@ def test_defaults_come_from_the_dataclasses():
     cfg = parse()
     assert cfg == TrainConfig()
     assert cfg.adapter.rank == 16 and cfg.adapter.lora_alpha == 16.0 and cfg.adapter.preset == "attn"
+
+
+def test_generate_flags_default_to_the_engines_params():
+    ns = build_parser().parse_args(["generate", "--prompt", "x"])
+    d = Params(prompt="x")
+    assert (ns.seed, ns.steps, ns.cfg, ns.width, ns.height, ns.batch_size, ns.batch_count, ns.scheduler) == (
+        d.seed, d.steps, d.cfg_scale, d.width, d.height, d.batch_size, d.batch_count, d.scheduler)
 
 
 def test_every_option_is_a_flag_with_help():

@@ -11,7 +11,7 @@ from sdlora.engine import BlendItem, Engine, Params, parse_prompt
 from sdlora.errors import ConfigError, FormatError
 from sdlora.grid import Axis, xy_grid
 from sdlora.lorafile import read_lora
-from sdlora.recipe import parse_parameters, read_png_parameters, save_png
+from sdlora.recipe import a1111_parameters, parse_parameters, read_png_parameters, save_png
 
 from test_formats import write_adapter
 
@@ -157,6 +157,9 @@ def test_recipe_round_trip(engine, tmp_path):
     assert hashes == {"alpha": engine.library.entries["alpha"].short_hash, "beta": engine.library.entries["beta"].short_hash}
     with pytest.raises(FormatError):
         parse_parameters("just a prompt")
+    plain = a1111_parameters("a cat", "", 20, "Euler a", 7.0, 5, 512, 512, "m", {})
+    assert plain == "a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 5, Size: 512x512, Model: m"  # as A1111
+    assert parse_parameters(plain)["negative_prompt"] == "" and parse_parameters(plain)["prompt"] == "a cat"
 
 
 def test_seed_batch_and_random_seed(engine):
@@ -180,6 +183,14 @@ def test_render_draws_many_prompts_in_one_call_as_generate_would(engine):
     assert np.abs(np.asarray(drawn[0], dtype=int) - np.asarray(drawn[1], dtype=int)).mean() > 1
     with pytest.raises(ConfigError, match="one seed per prompt"):
         engine.render(["a", "b"], [1], Params(**PARAMS))
+
+
+def test_size_defaults_to_the_bases_native_size(engine):
+    assert engine.native_size == 64  # tiny-sd: UNet sample size 16 x VAE scale 4
+    r = engine.generate(Params(prompt="a red circle", seed=1, steps=2, scheduler="Euler"))
+    assert r.images[0].size == (64, 64) and "Size: 64x64," in r.infotexts[0]
+    r = engine.generate(Params(prompt="a red circle", seed=1, steps=2, width=32, scheduler="Euler"))
+    assert r.images[0].size == (32, 64)
 
 
 def test_xy_grid(engine):

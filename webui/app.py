@@ -35,6 +35,7 @@ def build_app(engine: Engine, output_dir: Path):
 
     output_dir = Path(output_dir).resolve()
     usable = [n for n, e in engine.library.entries.items() if e.compatible]
+    native = engine.native_size  # the size the base was trained at: 512 for SD 1.x, 1024 for SDXL, 32 for toy
 
     def friendly(fn):
         """Library errors become a Gradio error message (shown as text), not a traceback."""
@@ -104,7 +105,7 @@ def build_app(engine: Engine, output_dir: Path):
         p = read_png_parameters(image)
         text, tags = parse_prompt(p["prompt"])
         names = [t.name for t in tags if t.name in usable][:MAX_SLOTS]
-        width, height = (int(v) for v in p.get("Size", f"{DEFAULTS.width}x{DEFAULTS.height}").split("x"))
+        width, height = (int(v) for v in p.get("Size", f"{native}x{native}").split("x"))
         sampler = p.get("Sampler", DEFAULTS.scheduler)
         out = [text, p["negative_prompt"], int(p.get("Seed", -1)), int(p.get("Steps", DEFAULTS.steps)),
                float(p.get("CFG scale", DEFAULTS.cfg_scale)), width, height,
@@ -133,8 +134,8 @@ def build_app(engine: Engine, output_dir: Path):
                     steps = gr.Slider(1, 150, value=DEFAULTS.steps, step=1, label="Steps", elem_id="steps")
                     cfg = gr.Slider(0, 30, value=DEFAULTS.cfg_scale, step=0.5, label="CFG scale", elem_id="cfg")
                 with gr.Row():
-                    width = gr.Slider(64, 2048, value=DEFAULTS.width, step=8, label="Width", elem_id="width")
-                    height = gr.Slider(64, 2048, value=DEFAULTS.height, step=8, label="Height", elem_id="height")
+                    width = gr.Slider(8, 2048, value=native, step=8, label="Width", elem_id="width")
+                    height = gr.Slider(8, 2048, value=native, step=8, label="Height", elem_id="height")
                     batch_size = gr.Slider(1, 8, value=1, step=1, label="Batch size")
                     batch_count = gr.Slider(1, 16, value=1, step=1, label="Batch count")
                 with gr.Row():
