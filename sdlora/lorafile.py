@@ -112,6 +112,18 @@ def read_lora(path: Path) -> LoraFile:
     tensors, meta = read_safetensors(path)
     if not tensors:
         raise FormatError(f"{path}: the file holds no tensors")
+    try:
+        return _read_lora(path, tensors, meta)
+    except FormatError:
+        raise
+    except (IndexError, KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+        # A well-framed file whose contents are not a consistent LoRA (odd key names, empty or mis-shaped tensors,
+        # malformed metadata): one clear error naming the file, never a traceback.
+        raise FormatError(f"{path}: not a usable LoRA file ({type(e).__name__}: {e}); re-export it, or ask its "
+                          "author for a file in kohya, diffusers or peft layout") from None
+
+
+def _read_lora(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> LoraFile:
     keys = list(tensors)
     if all(k.startswith(KOHYA_PREFIXES) for k in keys):
         layout, modules = "kohya", _group_kohya(path, tensors)
@@ -123,7 +135,7 @@ def read_lora(path: Path) -> LoraFile:
         odd = [k for k in keys if not k.startswith(KOHYA_PREFIXES)][:3]
         raise FormatError(f"{path}: not a LoRA layout sdlora knows (kohya, diffusers, peft, LyCORIS LoHa/LoKr); "
                           f"keys such as {odd}")
-    _apply_diffusers_alphas(modules, meta, layout)
+    _apply_diffusers_alphas(path, modules, meta, layout)
     family, source = _family(modules, meta)
     return LoraFile(path, layout, Counter(m.kind for m in modules.values()), modules, meta, family, source, tensors)
 
@@ -156,6 +168,13 @@ def _module(path: Path, name: str, parts: dict[str, torch.Tensor], roles: dict[s
         kind = "lokr"
     else:
         raise FormatError(f"{path}: module {name} is incomplete (has only {sorted(parts)})")
+    if "alpha" in named and named["alpha"].numel() != 1:
+        raise FormatError(f"{path}: module {name} has an alpha of shape {list(named['alpha'].shape)}; "
+                          "alpha must be one number")
+    if kind == "lora" and (named["down"].dim() not in (2, 4) or named["up"].dim() not in (2, 4)
+                           or named["up"].shape[1] != named["down"].shape[0]):
+        raise FormatError(f"{path}: module {name} has down {list(named['down'].shape)} and up "
+                          f"{list(named['up'].shape)}, which do not make a low-rank pair")
     return FileModule(name, kind, named)
 
 
@@ -182,14 +201,16 @@ def _group_diffusers(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, 
     return {name: _module(path, name, parts, DIFFUSERS_SUFFIXES) for name, parts in groups.items()}
 
 
-def _apply_diffusers_alphas(modules: dict[str, FileModule], meta: dict[str, str], layout: str) -> None:
+def _apply_diffusers_alphas(path: Path, modules: dict[str, FileModule], meta: dict[str, str], layout: str) -> None:
     """diffusers stores no alpha tensor; its header's `lora_adapter_metadata` may carry r/lora_alpha."""
     if layout == "kohya" or "lora_adapter_metadata" not in meta:
         return
     try:
         cfg = json.loads(meta["lora_adapter_metadata"])
     except json.JSONDecodeError:
-        raise FormatError("lora_adapter_metadata in the header is not valid JSON") from None
+        raise FormatError(f"{path}: lora_adapter_metadata in the header is not valid JSON") from None
+    if not isinstance(cfg, dict):
+        raise FormatError(f"{path}: lora_adapter_metadata in the header is not a JSON object")
     for name, m in modules.items():
         if "alpha" in m.tensors:
             continue

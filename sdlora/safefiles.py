@@ -60,9 +60,14 @@ def check_safetensors(path: Path) -> dict:
     for key, info in header.items():
         if not isinstance(info, dict) or {"dtype", "shape", "data_offsets"} - info.keys():
             raise FormatError(f"{path}: corrupt entry for tensor {key!r}")
-        if info["dtype"] not in DTYPES:
+        if not isinstance(info["dtype"], str) or info["dtype"] not in DTYPES:
             raise FormatError(f"{path}: tensor {key!r} has unknown dtype {info['dtype']!r}")
-        start, end = info["data_offsets"]
+        shape, offsets = info["shape"], info["data_offsets"]
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise FormatError(f"{path}: tensor {key!r} has a malformed shape {shape!r}; the file is corrupt")
+        if not (isinstance(offsets, list) and len(offsets) == 2):
+            raise FormatError(f"{path}: tensor {key!r} has malformed data offsets {offsets!r}; the file is corrupt")
+        start, end = offsets
         if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= data_len):
             raise FormatError(f"{path}: tensor {key!r} points outside the file (offsets {start}..{end}, data {data_len} bytes)")
         spans.append((start, end, key))

@@ -49,6 +49,13 @@ def header_file(path, header: bytes, data: bytes = b""):
     ("nan", "NaN or Inf"),
     ("no_tensors", "holds no tensors"),
     ("bad_meta", "metadata"),
+    ("three_offsets", "malformed data offsets"),
+    ("list_dtype", "unknown dtype"),
+    ("bad_shape", "malformed shape"),
+    ("bare_component_key", "not a usable LoRA file"),
+    ("adapter_meta_list", "not a JSON object"),
+    ("empty_alpha", "alpha must be one number"),
+    ("unpaired", "do not make a low-rank pair"),
 ])
 def test_malformed_files_give_one_clear_error(tmp_path, case, reason):
     p = tmp_path / f"{case}.safetensors"
@@ -79,6 +86,22 @@ def test_malformed_files_give_one_clear_error(tmp_path, case, reason):
         lora_file(p, {Q: (torch.full((4, 32), float("nan")), torch.zeros(32, 4), 4)})
     elif case == "no_tensors":
         p.write_bytes(save({}))
+    elif case == "three_offsets":
+        header_file(p, json.dumps({"a": {**t, "data_offsets": [0, 4, 8]}}).encode(), b"\0" * 8)
+    elif case == "list_dtype":
+        header_file(p, json.dumps({"a": {**t, "dtype": ["F32"]}}).encode(), b"\0" * 8)
+    elif case == "bad_shape":
+        header_file(p, json.dumps({"a": {**t, "shape": "2"}}).encode(), b"\0" * 8)
+    elif case == "bare_component_key":
+        save_file({"unet": torch.zeros(2)}, str(p))
+    elif case == "adapter_meta_list":
+        save_file({"unet.x.lora_A.weight": torch.zeros(2, 4), "unet.x.lora_B.weight": torch.zeros(4, 2)}, str(p),
+                  metadata={"lora_adapter_metadata": "[1]"})
+    elif case == "empty_alpha":
+        save_file({f"{Q}.lora_down.weight": torch.zeros(4, 32), f"{Q}.lora_up.weight": torch.zeros(32, 4),
+                   f"{Q}.alpha": torch.zeros(0)}, str(p))
+    elif case == "unpaired":
+        lora_file(p, {Q: (torch.randn(4, 32), torch.randn(32, 5), 4)})
     elif case == "bad_meta":
         header_file(p, json.dumps({"__metadata__": {"a": 1}}).encode())
     with pytest.raises(FormatError) as e:
