@@ -140,7 +140,8 @@ class TrainConfig:
             self.cache_dir = Path(self.cache_dir)
         for name in ("batch_size", "grad_accum"):
             _positive(name, getattr(self, name))
-        for name in ("steps", "save_every", "sample_every", "warmup_steps", "num_workers"):
+        for name in ("steps", "save_every", "sample_every", "warmup_steps", "num_workers", "weight_decay",
+                     "max_grad_norm", "min_snr_gamma", "noise_offset"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.steps == 0:

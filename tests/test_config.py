@@ -67,6 +67,10 @@ def test_unknown_key_and_missing_file():
     ({"batch_size": 0}, "batch_size"),
     ({"lr": 0}, "lr must be > 0"),
     ({"crop": "left"}, "crop must be one of"),
+    ({"min_snr_gamma": -5}, "min_snr_gamma must be >= 0"),  # would weight the loss negatively: training goes uphill
+    ({"noise_offset": -1}, "noise_offset must be >= 0"),
+    ({"weight_decay": -3}, "weight_decay must be >= 0"),
+    ({"max_grad_norm": -1}, "max_grad_norm must be >= 0"),
 ])
 def test_invalid_values_are_rejected_at_construction(values, message):
     with pytest.raises(ConfigError, match=message):
