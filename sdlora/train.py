@@ -70,9 +70,12 @@ def train(cfg: TrainConfig, *, progress: bool = False) -> TrainResult:
     out = Path(cfg.output_dir)
     final_path = out / f"{name}.safetensors"
     resume_from = _resume_path(cfg, out, name)
-    if final_path.exists() and resume_from is None and not cfg.overwrite:
-        raise ConfigError(f"{final_path} already exists; pass another --name or --output-dir, --resume latest, "
-                          "or --overwrite to replace it")
+    if final_path.exists() and not cfg.overwrite:
+        if resume_from is None:
+            raise ConfigError(f"{final_path} already exists; pass another --name or --output-dir, or --overwrite to "
+                              "replace it")
+        raise ConfigError(f"{final_path} already exists and the resumed run would replace it; pass --overwrite to "
+                          "allow that, or copy it away first")
     if main:
         for w in report.warnings:
             log.warning(w)
@@ -80,8 +83,8 @@ def train(cfg: TrainConfig, *, progress: bool = False) -> TrainResult:
     optimizer_cls = _optimizer_class(cfg.optimizer)
 
     # 2. The base, frozen; LoRA on the UNet and optionally the text encoders.
-    torch.manual_seed(cfg.seed)
     base = load_base(cfg.base, seed=cfg.seed, prediction_type=cfg.prediction_type or None, config=cfg.base_config or None)
+    torch.manual_seed(cfg.seed)  # after loading, so the LoRA's initial weights follow --seed whatever the base did
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     base_params = sum(p.numel() for m in [base.unet, *base.text_encoders] for p in m.parameters())
@@ -140,6 +143,9 @@ def train(cfg: TrainConfig, *, progress: bool = False) -> TrainResult:
     step, rows = 0, []
     if resume_from is not None:
         step = _resume(resume_from, cfg, base, trained_tes, optimizer, scheduler)
+        if step >= total_steps:
+            raise ConfigError(f"{resume_from} is at step {step} and this run has {total_steps} steps, so there is "
+                              "nothing left to train; pass a larger --steps to train on")
         rows = read_csv(out / "logs" / "loss.csv", step)
         if main:
             log.info(f"resumed from {resume_from} at step {step}")
@@ -154,6 +160,7 @@ def train(cfg: TrainConfig, *, progress: bool = False) -> TrainResult:
 
     bar = tqdm(total=total_steps, initial=step, disable=not (progress and main), unit="step", dynamic_ncols=True)
     micro = step * cfg.grad_accum
+    epoch = micro // micro_per_epoch
     loop_started = time.time()
     accum_losses: list[torch.Tensor] = []
     samples: list[Path] = []
@@ -203,6 +210,9 @@ def train(cfg: TrainConfig, *, progress: bool = False) -> TrainResult:
     blob = _adapter_blob(cfg, base, trained_tes, targets, report, name, step, epoch, started, samples)
     if main:
         write_adapter(final_path, blob)
+        if cfg.save_every:  # the end is resumable too: `--resume latest --steps MORE` trains on from here
+            save_state(state_path(out, name, step), step=step, lora=_lora_states(base, trained_tes),
+                       optimizer=optimizer, scheduler=scheduler, extra={"config": _flat_config(cfg)})
         _write_sidecars(final_path, cfg, base, samples)
         write_csv(out / "logs" / "loss.csv", rows)
         plot_loss(out / "loss.png", rows)
@@ -275,15 +285,20 @@ def _resume_path(cfg: TrainConfig, out: Path, name: str) -> Path | None:
     return path
 
 
-RESUME_KEYS = ("base", "seed", "batch_size", "grad_accum", "rank", "alpha", "preset", "train_text_encoder",
-               "resolution", "lr", "lr_scheduler", "optimizer")
+RESUME_KEYS = ("base", "data", "seed", "batch_size", "grad_accum", "rank", "alpha", "preset", "train_text_encoder",
+               "resolution", "lr", "lr_scheduler", "warmup_steps", "optimizer")
 
 
 def _resume(path: Path, cfg: TrainConfig, base: Base, trained_tes, optimizer, scheduler) -> int:
     state = load_state(path)
     flat = _flat_config(cfg)
     saved = state["extra"].get("config", {})
-    changed = [k for k in RESUME_KEYS if k in saved and saved[k] != flat.get(k)]
+    def same(k):
+        if k == "data":  # the same folder, however it was spelled
+            return Path(saved[k]).resolve() == Path(flat[k]).resolve()
+        return saved[k] == flat.get(k)
+
+    changed = [k for k in RESUME_KEYS if k in saved and not same(k)]
     if changed:
         k = changed[0]
         raise ConfigError(f"cannot resume from {path}: {k} was {saved[k]!r} and is now {flat.get(k)!r}")
@@ -488,9 +503,10 @@ def _write_samples(base: Base, cfg: TrainConfig, out: Path, name: str, step: int
     if not accelerator.is_main_process:
         return []
     device = accelerator.device
-    base.vae.to(device)
-    for te in base.text_encoders:
-        te.to(device)
+    encoders = [base.vae, *base.text_encoders]
+    homes = [next(m.parameters()).device for m in encoders]  # where _release_encoders left them
+    for m in encoders:
+        m.to(device)
     pipe = base.pipeline()
     was_training = base.unet.training
     base.unet.eval()
@@ -506,6 +522,8 @@ def _write_samples(base: Base, cfg: TrainConfig, out: Path, name: str, step: int
             paths.append(path)
     finally:
         base.unet.train(was_training)
+        for m, home in zip(encoders, homes, strict=True):
+            m.to(home)
     return paths
 
 

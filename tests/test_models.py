@@ -112,3 +112,12 @@ def test_hub_id_loads_from_the_local_cache_offline(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[0] == "sd1"
     assert int(out.stdout.split()[1]) == sum(p.numel() for p in build_tiny("tiny-sd").unet.parameters())
+
+
+@pytest.mark.parametrize("name", ["toy", "tiny-sd"])
+def test_loading_a_built_in_base_leaves_torchs_generator_alone(name):
+    """Otherwise the LoRA's initial weights, drawn right after, would ignore --seed."""
+    torch.manual_seed(5)
+    before = torch.random.get_rng_state()
+    load_base(name)
+    assert torch.equal(torch.random.get_rng_state(), before)

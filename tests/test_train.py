@@ -1,6 +1,7 @@
 """End-to-end training through the CLI on tiny models, plus the training guarantees (learning, resume, sharding)."""
 
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from safetensors import safe_open
 from sdlora import lora
 from sdlora.cli import main
 from sdlora.config import AdapterConfig, DataConfig, TrainConfig
+from sdlora.errors import ConfigError
 from sdlora.formats import kohya_module
 from sdlora.models import load_base
 from sdlora.train import train
@@ -112,30 +114,46 @@ def test_it_learns(tmp_path):
 
 def test_resume_is_bit_identical(tmp_path, dataset):
     def cfg(out, **kw):
-        return TrainConfig(base="tiny-sd", output_dir=out, name="r", steps=6, save_every=3, lr=5e-3,
-                           lr_scheduler="cosine", warmup_steps=2, grad_accum=2, batch_size=2,
+        return TrainConfig(**{"base": "tiny-sd", "output_dir": out, "name": "r", "steps": 6, "save_every": 3,
+                              "lr": 5e-3, "lr_scheduler": "cosine", "warmup_steps": 2, "grad_accum": 2,
+                              "batch_size": 2, "save_precision": "fp32", **kw},
                            data=DataConfig(data=dataset, resolution=64, flip=True, shuffle_tags=True,
                                            caption_dropout=0.2),
-                           adapter=AdapterConfig(rank=4, dropout=0.1), save_precision="fp32", **kw)
+                           adapter=AdapterConfig(rank=4, dropout=0.1))
 
     full = train(cfg(tmp_path / "a"))
     assert (tmp_path / "a" / "r-step000003.safetensors").is_file()
     state = tmp_path / "a" / "state" / "r-step000003.state.safetensors"
-    assert state.is_file() and not (tmp_path / "a" / "state" / "r-step000006.state.safetensors").exists()
+    assert state.is_file() and (tmp_path / "a" / "state" / "r-step000006.state.safetensors").is_file()
     reference, _ = read(full.adapter)
-    resumed = train(cfg(tmp_path / "a", resume="latest"))
+    assert any(k.endswith("lora_up.weight") and v.abs().max() > 0 for k, v in reference.items())  # it trained
+    before = full.adapter.read_bytes()
+    with pytest.raises(ConfigError, match="resumed run would replace it"):
+        train(cfg(tmp_path / "a", resume=str(state)))
+    assert full.adapter.read_bytes() == before
+    with pytest.raises(ConfigError, match="at step 6 and this run has 6 steps"):
+        train(cfg(tmp_path / "a", resume="latest", overwrite=True))
+    resumed = train(cfg(tmp_path / "a", resume=str(state), overwrite=True))
     assert resumed.steps == 6 and resumed.losses == full.losses
     again, _ = read(resumed.adapter)
     assert reference.keys() == again.keys()
     assert all(torch.equal(reference[k], again[k]) for k in reference)
+    longer = train(cfg(tmp_path / "a", resume="latest", overwrite=True, steps=8))  # train on from the end
+    assert longer.steps == 8 and longer.losses[:6] == full.losses
 
 
-def test_resume_refuses_a_changed_setting(tmp_path, dataset):
+def test_resume_refuses_a_changed_setting(tmp_path, dataset, capsys):
     base = dict(base="tiny-sd", output_dir=tmp_path, name="r", steps=2, save_every=1,
                 data=DataConfig(data=dataset, resolution=64))
     train(TrainConfig(**base, adapter=AdapterConfig(rank=4)))
     assert main(["-q", "train", "--data", str(dataset), "--resolution", "64", "--output-dir", str(tmp_path),
-                 "--name", "r", "--steps", "2", "--rank", "8", "--resume", "latest"]) == 2
+                 "--name", "r", "--steps", "3", "--rank", "8", "--resume", "latest", "--overwrite"]) == 2
+    assert "rank was 4 and is now 8" in capsys.readouterr().err
+    other = tmp_path / "other_data"
+    shutil.copytree(dataset, other)
+    with pytest.raises(ConfigError, match="data was"):
+        train(TrainConfig(**{**base, "data": DataConfig(data=other, resolution=64), "steps": 3}, overwrite=True,
+                          resume="latest", adapter=AdapterConfig(rank=4)))
 
 
 def test_config_file_drives_a_run(tmp_path, dataset):

@@ -95,7 +95,8 @@ def load_toy():
     if missing:
         raise ModelError(f"the toy base's weights are missing ({', '.join(missing)} in {WEIGHTS}); "
                          "make them with `python -m sdlora.toy.pretrain`")
-    vae, te, unet, tok, sched = build_components()
+    with torch.random.fork_rng(devices=[]):  # building seeds torch's generator; leave the caller's as it was
+        vae, te, unet, tok, sched = build_components()
     for name, module in (("vae", vae), ("text_encoder", te), ("unet", unet)):
         tensors, meta = read_safetensors(WEIGHTS / f"{name}.safetensors")
         module.load_state_dict({k: v.to(torch.float32) for k, v in tensors.items()})
