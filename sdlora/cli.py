@@ -59,8 +59,15 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
 def cmd_generate(ns: argparse.Namespace) -> int:
     from .engine import BlendItem, Engine
+    from .errors import ConfigError
     from .recipe import next_output_path, save_png
 
+    n = ns.batch_size * ns.batch_count
+    named = [] if not ns.out else [ns.out] if n == 1 else [ns.out.with_name(f"{ns.out.stem}-{k}{ns.out.suffix}")
+                                                          for k in range(n)]
+    existing = [p for p in named if p.exists()]
+    if existing and not ns.overwrite:  # checked before loading anything: nothing the user made is replaced unasked
+        raise ConfigError(f"{existing[0]} already exists; pass --overwrite to replace it, or another --out")
     files, blend = [], []
     for arg in ns.lora or []:
         path, unet_w, te_w = parse_lora_arg(arg)
@@ -72,12 +79,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
                     batch_count=ns.batch_count, scheduler=ns.scheduler)
     result = engine.generate(params, blend, mode="fast" if ns.fuse else "exact")
     for k, (image, seed, text) in enumerate(zip(result.images, result.seeds, result.infotexts, strict=True)):
-        if ns.out and len(result.images) == 1:
-            path = ns.out
-        elif ns.out:
-            path = ns.out.with_name(f"{ns.out.stem}-{k}{ns.out.suffix}")
-        else:
-            path = next_output_path(ns.output_dir, seed)
+        path = named[k] if ns.out else next_output_path(ns.output_dir, seed)
         save_png(image, path, text)
         print(f"wrote {path} (seed {seed})")
     return 0
@@ -183,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"Sampler (default: {d.scheduler}).")
     p.add_argument("--fuse", action="store_true", help="Merge the blend into the base weights (fast mode).")
     p.add_argument("--out", type=Path, help="Output PNG (default: numbered files in --output-dir).")
+    p.add_argument("--overwrite", action="store_true", help="Replace an existing --out file instead of refusing.")
     p.add_argument("--output-dir", type=Path, default=Path("outputs"), help="Folder for numbered outputs.")
     p.set_defaults(func=cmd_generate)
 

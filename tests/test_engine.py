@@ -217,7 +217,7 @@ def test_loha_generates(library, tmp_path):
     assert np.array_equal(image(e), base)
 
 
-def test_cli_generate_with_two_trained_loras(tmp_path, dataset):
+def test_cli_generate_with_two_trained_loras(tmp_path, dataset, capsys):
     for name, lr in (("one", "1e-2"), ("two", "5e-3")):
         assert main(["-q", "train", "--data", str(dataset), "--resolution", "64", "--steps", "3", "--lr", lr,
                      "--output-dir", str(tmp_path / "loras"), "--name", name, "--train-text-encoder"]) == 0
@@ -233,6 +233,12 @@ def test_cli_generate_with_two_trained_loras(tmp_path, dataset):
                  "--steps", "3", "--seed", "7", "--out", str(plain)]) == 0
     with Image.open(out) as a, Image.open(plain) as b:
         assert not np.array_equal(np.asarray(a), np.asarray(b))
+    before = plain.read_bytes()
+    again = ["-q", "generate", "--base", "tiny-sd", "--prompt", "a square", "--width", "64", "--height", "64",
+             "--steps", "2", "--seed", "8", "--out", str(plain)]
+    assert main(again) == 2 and plain.read_bytes() == before  # an existing image is never replaced unasked
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert main([*again, "--overwrite"]) == 0 and plain.read_bytes() != before
 
 
 def test_live_adapters_are_bounded(engine, monkeypatch):
