@@ -313,10 +313,10 @@ def _load_hub(repo: str) -> Base:
             f"On a connected machine run `hf download {repo}` (it fills the cache), or pass a local diffusers "
             "folder or .safetensors checkpoint with --base."
         ) from e
-    from huggingface_hub import snapshot_download
-
     try:
-        folder = Path(snapshot_download(repo, allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"]))
+        # diffusers picks each component's own safetensors (no root single-file checkpoints, fp16 or non-EMA copies,
+        # which a bare "*.safetensors" pattern would fetch: tens of GB for SD 1.5 instead of about 4).
+        folder = Path(DiffusionPipeline.download(repo, use_safetensors=True))
     except Exception as e:
         raise ModelError(f"Hub model {repo!r}: download failed: {e}") from e
     del index
