@@ -250,7 +250,10 @@ def test_convert_round_trip_keeps_tensors_and_scale(tmp_path, name):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     d = read_lora(mid)
     assert {m.scale for m in d.modules.values()} == {0.75}  # alpha 3 / rank 4 survived via lora_adapter_metadata
+    before = mid.stat()
     assert main(["-q", "convert", str(src), str(mid), "--to", "diffusers", "--base", name]) == 2  # never overwrites
+    after = mid.stat()  # an atomic replace would bring a new inode
+    assert (after.st_ino, after.st_mtime_ns, after.st_size) == (before.st_ino, before.st_mtime_ns, before.st_size)
 
 
 def test_convert_keeps_per_module_alphas(tmp_path):

@@ -129,6 +129,11 @@ def _payloads(secret: Path, loras: Path):
 
 
 def test_no_file_outside_the_outputs_can_be_read(server):
+    served = server["out"] / "served-probe.txt"  # the positive control: a file in the outputs folder is served
+    served.write_text("OUTPUT-OK")
+    r = httpx.get(server["url"] + "/gradio_api/file=" + str(served), timeout=10)
+    assert r.status_code == 200 and r.text == "OUTPUT-OK"
+    served.unlink()
     leaks = []
     for payload in _payloads(server["secret"], server["loras"]):
         for route in ("/gradio_api/file=", "/file=", "/gradio_api/file/", "/static/", "/assets/"):
@@ -144,6 +149,7 @@ def test_the_api_takes_names_not_paths_and_checks_values(server):
     from gradio_client import Client
 
     client = Client(server["url"], verbose=False)
+    written = set(server["out"].glob("*.png"))
     base = ["a", "", 1, 3, 7.0, 64, 64, 1, 1, "Euler a"]
     choice = "not in the list of choices"  # Gradio's own allowlist check, before any code of ours runs
     cases = [
@@ -162,7 +168,7 @@ def test_the_api_takes_names_not_paths_and_checks_values(server):
         with pytest.raises(Exception) as e:
             client.predict(names, "exact", *values, *weights, api_name="/generate")
         assert any(r in str(e.value) for r in reasons), (reasons, str(e.value))
-    assert not list(server["out"].glob("*-grid.png"))
+    assert set(server["out"].glob("*.png")) == written  # a refused request writes nothing
 
 
 def test_metadata_is_text_and_symlinks_out_are_not_listed(server):
@@ -187,9 +193,12 @@ def test_grid_and_png_info_through_the_api(server):
 
     with Image.open(grid) as g:
         assert g.size == (110 + 2 * 64, 24 + 2 * 64)
-    saved = sorted(server["out"].glob("*.png"))
-    png = next(p for p in saved if not p.name.endswith("-grid.png"))
-    values = client.predict(handle_file(str(png)), api_name="/load_png")
+    gallery, _, _ = client.predict(["inkstyle", "watercolor"], "exact", "a red circle", "", 11, 2, 7.0, 64, 64, 1, 1,
+                                   "Euler a", "inkstyle", 0.8, 0.6, "watercolor", 0.4, 1.2, *slots[6:],
+                                   api_name="/generate")
+    png = Path(gallery[0]["image"])
     recipe = read_png_parameters(png)
-    assert values[0] == "a red circle" and values[2] == int(recipe["Seed"]) and values[5] == 64
+    assert recipe["prompt"] == "a red circle <lora:inkstyle:0.6:0.8> <lora:watercolor:1.2:0.4>"
+    values = client.predict(handle_file(str(png)), api_name="/load_png")
+    assert values[0] == "a red circle" and values[2] == 11 == int(recipe["Seed"]) and values[5] == 64
     assert values[8] == ["inkstyle", "watercolor"]
