@@ -12,6 +12,7 @@ LyCORIS LoHa/LoKr cannot be peft adapters; they are merged the same way in both 
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 import re
 import threading
@@ -25,6 +26,8 @@ from .config import Params
 from .errors import ConfigError, FormatError
 from .lorafile import Fit, LoraFile, fit, read_lora
 from .models import Base, load_base
+
+log = logging.getLogger("sdlora")
 
 WEIGHT_RANGE = (-2.0, 2.0)
 MAX_LIVE_ADAPTERS = 8  # peft adapters kept inside the pipeline at once (parsed files are cached without limit)
@@ -185,6 +188,8 @@ class Engine:
             self.file_reads += 1
             self._fits[key] = fit(lf, self.base.modules(), self.base.family, self.base.name)
             self._files[key] = lf
+            if self._fits[key].unmatched:  # applied to the layers it does match, as A1111 and ComfyUI do, but said
+                log.warning(f"{path}: {self._fits[key].report()}; only the matched modules are applied")
         return key, self._files[key], self._fits[key]
 
     def _resolve(self, blend: list[BlendItem]) -> list[tuple[BlendItem, tuple, LoraFile, Fit]]:

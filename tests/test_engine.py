@@ -217,6 +217,24 @@ def test_loha_generates(library, tmp_path):
     assert np.array_equal(image(e), base)
 
 
+def test_a_partly_matching_lora_is_applied_where_it_fits_and_says_so(tmp_path, caplog):
+    g = torch.Generator().manual_seed(1)
+    q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_out_0"
+    tensors = {}
+    for name in (q, "lora_unet_down_blocks_9_attentions_0_proj_in"):  # the second is no layer of tiny-sd
+        tensors |= {f"{name}.lora_down.weight": torch.randn(2, 32, generator=g),
+                    f"{name}.lora_up.weight": torch.randn(32, 2, generator=g), f"{name}.alpha": torch.tensor(2.0)}
+    d = tmp_path / "part"
+    d.mkdir()
+    save_file(tensors, str(d / "part.safetensors"))
+    e = Engine("tiny-sd", d)
+    base = image(e)
+    with caplog.at_level("WARNING", logger="sdlora"):
+        for mode in ("fast", "exact"):
+            assert np.abs(image(e, [BlendItem("part", 1.0)], mode) - base).max() > 1
+    assert "1 modules matched, 1 did not; first unmatched: lora_unet_down_blocks_9_attentions_0_proj_in" in caplog.text
+
+
 def test_cli_generate_with_two_trained_loras(tmp_path, dataset, capsys):
     for name, lr in (("one", "1e-2"), ("two", "5e-3")):
         assert main(["-q", "train", "--data", str(dataset), "--resolution", "64", "--steps", "3", "--lr", lr,
