@@ -262,6 +262,7 @@ class Engine:
             for (component, path), original in self._backup.items():  # back to the base, exactly
                 _weight(models[component], path).copy_(original)
             changes = [(i, r, i.unet, i.te_weight) for i, _, r in items]
+        rebuild = set()
         for _, result, unet_w, te_w in changes:
             for t in result.targets:
                 w = unet_w if t.component == "unet" else te_w
@@ -271,8 +272,27 @@ class Engine:
                 key = (t.component, t.path)
                 if key not in self._backup:
                     self._backup[key] = weight.detach().clone()
+                if weight.dtype in (torch.float16, torch.bfloat16):
+                    # Adding to half-precision weights rounds on every slider move and the blend drifts; these
+                    # layers are rebuilt below from the base in fp32 and rounded once.
+                    rebuild.add(key)
+                    continue
                 delta = t.module.delta(tuple(weight.shape)).to(weight.device)
                 weight.copy_((weight.float() + w * delta).to(weight.dtype))
+        sums: dict[tuple[str, str], torch.Tensor] = {}
+        for i, _, result in items if rebuild else ():
+            for t in result.targets:
+                key = (t.component, t.path)
+                w = i.unet if t.component == "unet" else i.te_weight
+                if key not in rebuild:
+                    continue
+                if key not in sums:
+                    sums[key] = self._backup[key].to(torch.float32, copy=True)
+                if w != 0:
+                    sums[key] += w * t.module.delta(tuple(sums[key].shape)).to(sums[key].device)
+        for (component, path), total in sums.items():
+            weight = _weight(models[component], path)
+            weight.copy_(total.to(weight.dtype))
         self._merged = state
 
     def clear(self) -> None:

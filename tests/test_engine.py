@@ -65,6 +65,31 @@ def test_fast_merge_is_the_hand_computed_sum(engine, library):
             assert torch.allclose(after[comp][k], expected[comp][k], atol=1e-5), k
 
 
+def test_half_precision_fast_blend_does_not_drift_as_sliders_move(library):
+    """In fp16 each in-place add rounds; after many moves the blend must still be base + sum(w * delta), rounded once."""
+    e = Engine("tiny-sd", library, dtype=torch.float16)
+    base = weights(e)
+    for w in [0.35, -1.3, 0.9, 1.7, -0.45, 1.1, 0.05, 1.9, -1.6] * 4 + [0.5]:
+        e.apply([BlendItem("alpha", unet=w, te=w / 2), BlendItem("beta", unet=0.75)], "fast")
+    final = [BlendItem("alpha", unet=0.6, te=0.0), BlendItem("beta", unet=0.75)]
+    e.apply(final, "fast")
+    after = weights(e)
+    expected = {c: {k: v.float() for k, v in sd.items()} for c, sd in base.items()}
+    for item in final:
+        for t in e._fits[next(k for k in e._fits if item.name in k[0])].targets:
+            w = item.unet if t.component == "unet" else item.te_weight
+            key = f"{t.path}.weight"
+            expected[t.component][key] += w * t.module.delta(tuple(expected[t.component][key].shape))
+    moved = 0
+    for comp in ("unet", "text_encoder"):
+        for k, v in after[comp].items():
+            assert torch.equal(v, expected[comp][k].half()), k
+            moved += not torch.equal(v, base[comp][k])
+    assert moved > 0
+    e.clear()
+    assert all(torch.equal(weights(e)[c][k], base[c][k]) for c in base for k in base[c])
+
+
 def test_exact_and_fast_agree_and_clear_restores_bit_exactly(engine):
     base_img = image(engine)
     before = weights(engine)
