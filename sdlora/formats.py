@@ -1,6 +1,6 @@
 """Pure conversions between peft/diffusers LoRA state and the kohya format that A1111, ComfyUI and Forge read.
 
-Facts (key names, SGM block numbering, metadata keys) are in docs/formats.md. Conversions never
+Facts (key names, SGM block numbering, metadata keys) are in the team's shared docs/formats.md. Conversions never
 mutate their input and are total: a key that cannot be placed is an error listing the leftovers.
 """
 

@@ -79,7 +79,7 @@ def train(cfg: TrainConfig, *, progress: bool = False) -> TrainResult:
     if main:
         for w in report.warnings:
             log.warning(w)
-        log.info(report.summary(cfg.batch_size, accelerator.num_processes))
+        log.info(report.summary(cfg.batch_size, accelerator.num_processes, cfg.grad_accum))
     optimizer_cls = _optimizer_class(cfg.optimizer)
 
     # 2. The base, frozen; LoRA on the UNet and optionally the text encoders.

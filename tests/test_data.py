@@ -71,6 +71,8 @@ def test_kohya_repeats_and_tag_frequency(tmp_path):
     assert report.samples_per_epoch == 21
     assert report.tag_frequency()["10_style"] == {"sks": 2, "red": 2, "circle": 2}
     assert "3 images used" in report.summary()
+    # 21 samples in batches of 4: 6 batches per epoch; with 4 micro-batches per step that is 2 optimizer steps
+    assert "batches per epoch (batch 4 x 1 processes): 6, optimizer steps 2 (grad accum 4)" in report.summary(4, 1, 4)
 
 
 def test_trigger_goes_first_once(tmp_path):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from sdlora.engine import WEIGHT_RANGE, BlendItem, Engine, Params, parse_prompt
+from sdlora.engine import MODES, WEIGHT_RANGE, BlendItem, Engine, Params, parse_prompt
 from sdlora.errors import SdloraError
 from sdlora.grid import AXIS_KINDS, Axis, xy_grid
 from sdlora.recipe import next_output_path, read_png_parameters, save_png
@@ -136,11 +136,11 @@ def build_app(engine: Engine, output_dir: Path):
                 with gr.Row():
                     width = gr.Slider(8, 2048, value=native, step=8, label="Width", elem_id="width")
                     height = gr.Slider(8, 2048, value=native, step=8, label="Height", elem_id="height")
-                    batch_size = gr.Slider(1, 8, value=1, step=1, label="Batch size")
-                    batch_count = gr.Slider(1, 16, value=1, step=1, label="Batch count")
+                    batch_size = gr.Slider(1, 8, value=DEFAULTS.batch_size, step=1, label="Batch size")
+                    batch_count = gr.Slider(1, 16, value=DEFAULTS.batch_count, step=1, label="Batch count")
                 with gr.Row():
                     scheduler = gr.Dropdown(list(SCHEDULERS), value=DEFAULTS.scheduler, label="Sampler", elem_id="sampler")
-                    mode = gr.Radio(["exact", "fast"], value="exact", label="Blend mode", elem_id="mode")
+                    mode = gr.Radio(list(MODES), value=MODES[0], label="Blend mode", elem_id="mode")
                 go = gr.Button("Generate", variant="primary", elem_id="generate")
                 gallery = gr.Gallery(label="Images", elem_id="gallery", columns=4, height="auto")
                 info = gr.Textbox(label="Parameters", lines=3, interactive=False, elem_id="info")

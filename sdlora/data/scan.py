@@ -59,7 +59,7 @@ class ScanReport:
                 freq[tag] = freq.get(tag, 0) + 1
         return out
 
-    def summary(self, batch_size: int = 1, num_processes: int = 1) -> str:
+    def summary(self, batch_size: int = 1, num_processes: int = 1, grad_accum: int = 1) -> str:
         lines = [f"dataset {self.root}: {len(self.items)} images used, {len(self.skipped)} skipped, "
                  f"{self.samples_per_epoch} samples per epoch with repeats"]
         folders = Counter()
@@ -69,8 +69,10 @@ class ScanReport:
             lines.append(f"  {folder}: {n} images x {reps} repeats")
         for b, n in sorted(self.buckets().items()):
             lines.append(f"  bucket {b.width}x{b.height}: {n} samples")
-        steps = sum(math.ceil(n / (batch_size * num_processes)) for n in self.buckets().values())
-        lines.append(f"  steps per epoch (batch {batch_size} x {num_processes} processes): {steps}")
+        batches = sum(math.ceil(n / (batch_size * num_processes)) for n in self.buckets().values())
+        lines.append(f"  batches per epoch (batch {batch_size} x {num_processes} processes): {batches}"
+                     + (f", optimizer steps {math.ceil(batches / grad_accum)} (grad accum {grad_accum})"
+                        if grad_accum > 1 else ""))
         return "\n".join(lines)
 
 
