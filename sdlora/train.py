@@ -327,10 +327,17 @@ def _checkpoint_text_encoder(te) -> None:
 
 
 def _vae_fingerprint(vae) -> str:
+    """What the cached latents depend on: every encoder weight (a fine-tuned VAE may differ only in its deeper
+    layers) and the scaling and shift factors baked into the latents."""
     import hashlib
 
-    w = vae.encoder.conv_in.weight.detach().float().cpu().numpy().tobytes()
-    return hashlib.sha1(w).hexdigest()[:16]
+    h = hashlib.sha1()
+    h.update(f"{vae.config.scaling_factor}/{getattr(vae.config, 'shift_factor', None)}".encode())
+    for module in (vae.encoder, getattr(vae, "quant_conv", None)):
+        for name, p in (module.state_dict().items() if module is not None else ()):
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 @torch.no_grad()

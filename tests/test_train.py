@@ -279,3 +279,17 @@ def test_missing_optional_optimizer_says_what_to_install(tmp_path, dataset, monk
     monkeypatch.setitem(sys.modules, "prodigyopt", None)
     assert main(["train", "--data", str(dataset), "--optimizer", "prodigy", "--output-dir", str(tmp_path)]) == 2
     assert "pip install prodigyopt" in capsys.readouterr().err
+
+
+def test_latent_cache_key_sees_deep_vae_changes_and_the_scaling_factor():
+    from sdlora.train import _vae_fingerprint
+
+    vae = load_base("tiny-sd").vae
+    first = _vae_fingerprint(vae)
+    assert _vae_fingerprint(vae) == first
+    with torch.no_grad():
+        vae.encoder.conv_out.weight[0, 0, 0, 0] += 0.01  # a fine-tune that left conv_in alone
+    second = _vae_fingerprint(vae)
+    assert second != first
+    vae.register_to_config(scaling_factor=vae.config.scaling_factor * 2)
+    assert _vae_fingerprint(vae) not in (first, second)
