@@ -202,3 +202,10 @@ def test_grid_and_png_info_through_the_api(server):
     values = client.predict(handle_file(str(png)), api_name="/load_png")
     assert values[0] == "a red circle" and values[2] == 11 == int(recipe["Seed"]) and values[5] == 64
     assert values[8] == ["inkstyle", "watercolor"]
+    from sdlora.recipe import save_png
+
+    bad = server["root"] / "bad-size.png"
+    with Image.open(png) as img:
+        save_png(img.copy(), bad, "a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64xbig, Model: m")
+    with pytest.raises(Exception, match="malformed Size, Seed, Steps or CFG scale"):
+        client.predict(handle_file(str(bad)), api_name="/load_png")

@@ -105,10 +105,15 @@ def build_app(engine: Engine, output_dir: Path):
         p = read_png_parameters(image)
         text, tags = parse_prompt(p["prompt"])
         names = [t.name for t in tags if t.name in usable][:MAX_SLOTS]
-        width, height = (int(v) for v in p.get("Size", f"{native}x{native}").split("x"))
         sampler = p.get("Sampler", DEFAULTS.scheduler)
-        out = [text, p["negative_prompt"], int(p.get("Seed", -1)), int(p.get("Steps", DEFAULTS.steps)),
-               float(p.get("CFG scale", DEFAULTS.cfg_scale)), width, height,
+        try:
+            width, height = (int(v) for v in p.get("Size", f"{native}x{native}").split("x"))
+            numbers = [int(p.get("Seed", -1)), int(p.get("Steps", DEFAULTS.steps)),
+                       float(p.get("CFG scale", DEFAULTS.cfg_scale))]
+        except ValueError:
+            raise gr.Error("this PNG's parameters have a malformed Size, Seed, Steps or CFG scale; nothing was "
+                           "loaded", print_exception=False) from None
+        out = [text, p["negative_prompt"], *numbers, width, height,
                sampler if sampler in SCHEDULERS else DEFAULTS.scheduler, names]
         slot_updates = slots_for(names)
         by_name = {t.name: t for t in tags}
