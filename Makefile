@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: setup
-	$(VENV)/bin/sdlora demo --out outputs/demo
+	$(VENV)/bin/sdlora demo
 
 # The web UI test drives Debian's Chromium through Playwright (never `playwright install`).
 chromium:

@@ -10,9 +10,10 @@ import typing
 from pathlib import Path
 
 from . import __version__
-from .config import Params, build_config, default_of, load_toml, option_fields
+from .config import DemoConfig, Params, StudioConfig, build_config, default_of, load_toml, option_fields
 from .errors import SdloraError
 from .schedulers import SCHEDULERS
+from .toy.render import STYLES
 
 EXIT_USER_ERROR = 2
 
@@ -139,7 +140,7 @@ def cmd_webui(ns: argparse.Namespace) -> int:
 def cmd_demo(ns: argparse.Namespace) -> int:
     import json
 
-    from .demo import DemoConfig, run_demo
+    from .demo import run_demo
 
     cfg = DemoConfig(**{k: v for k, v in (("style", ns.style), ("steps", ns.steps)) if v is not None})
     metrics = run_demo(Path(ns.out), cfg, blend=ns.blend)
@@ -164,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="Generate images with a base and a blend of LoRAs.",
                        description="Generate images with a base model and a weighted blend of LoRAs. Prompts may "
                                    "also hold <lora:name:w> tags naming LoRAs given with --lora.")
-    p.add_argument("--base", default="tiny-sd", help="Base model (as for train).")
+    studio = StudioConfig()
+    p.add_argument("--base", default=studio.base, help=f"Base model (as for train; default: {studio.base}).")
     p.add_argument("--base-config", help="For a single-file --base: diffusers folder or Hub id with its configs.")
     p.add_argument("--lora", action="append", metavar="PATH[:W]",
                    help="LoRA file and weight, or PATH:TE_W:UNET_W (repeatable; weights in [-2, 2]).")
@@ -186,17 +188,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fuse", action="store_true", help="Merge the blend into the base weights (fast mode).")
     p.add_argument("--out", type=Path, help="Output PNG (default: numbered files in --output-dir).")
     p.add_argument("--overwrite", action="store_true", help="Replace an existing --out file instead of refusing.")
-    p.add_argument("--output-dir", type=Path, default=Path("outputs"), help="Folder for numbered outputs.")
+    p.add_argument("--output-dir", type=Path, default=studio.output_dir,
+                   help=f"Folder for numbered outputs (default: {studio.output_dir}).")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("webui", help="Start the blend studio in the browser (Gradio).",
                        description="Start the blend studio: pick LoRAs from a folder, weight them, generate, grid.")
-    p.add_argument("--base", default="tiny-sd", help="Base model (as for train).")
+    p.add_argument("--base", default=studio.base, help=f"Base model (as for train; default: {studio.base}).")
     p.add_argument("--base-config", help="For a single-file --base: diffusers folder or Hub id with its configs.")
     p.add_argument("--lora-dir", type=Path, required=True, help="Folder of .safetensors LoRAs (searched recursively).")
-    p.add_argument("--output-dir", type=Path, default=Path("outputs"), help="Where images are saved (default: outputs).")
-    p.add_argument("--host", default="127.0.0.1", help="Address to bind (default: 127.0.0.1).")
-    p.add_argument("--port", type=int, default=7860, help="Port (default: 7860).")
+    p.add_argument("--output-dir", type=Path, default=studio.output_dir,
+                   help=f"Where images are saved (default: {studio.output_dir}).")
+    p.add_argument("--host", default=studio.host, help=f"Address to bind (default: {studio.host}).")
+    p.add_argument("--port", type=int, default=studio.port, help=f"Port (default: {studio.port}).")
     p.add_argument("--listen", action="store_true", help="Allow a --host other than this machine (prints a warning).")
     p.set_defaults(func=cmd_webui)
 
@@ -220,9 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="Train a style LoRA on the toy base and measure what it does.",
                        description="Train a style LoRA on the pretrained toy base from datasets_example/, then write "
                                    "a grid (prompts x LoRA weight 0, 0.5, 1) and metrics.json.")
-    p.add_argument("--out", default="outputs/demo", help="Output folder (default: outputs/demo).")
-    p.add_argument("--style", choices=("rim", "stripes"), help="Which example style (default: rim).")
-    p.add_argument("--steps", type=int, help="Training steps (default: the demo's tuned value).")
+    demo = DemoConfig()
+    p.add_argument("--out", default=str(studio.output_dir / "demo"),
+                   help=f"Output folder (default: {studio.output_dir / 'demo'}).")
+    p.add_argument("--style", choices=list(STYLES), help=f"Which example style (default: {demo.style}).")
+    p.add_argument("--steps", type=int, help=f"Training steps (default: {demo.steps}, tuned by measurement).")
     p.add_argument("--blend", action="store_true", help="Also train the other style and measure a 0.5 + 0.5 blend.")
     p.set_defaults(func=cmd_demo)
     return parser

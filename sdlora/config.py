@@ -194,6 +194,33 @@ class Params:
             raise ConfigError(f"seed must be -1 (random) or between 0 and {2**32 - 1}, got {self.seed}")
 
 
+@dataclass
+class StudioConfig:
+    """Where `sdlora generate` and `sdlora webui` find their base and write images, and where the UI listens."""
+
+    base: str = "tiny-sd"
+    output_dir: Path = Path("outputs")
+    host: str = "127.0.0.1"
+    port: int = 7860
+
+
+# ---------------------------------------------------------------- `sdlora demo` (tuned by measurement; see README)
+
+@dataclass
+class DemoConfig:
+    style: str = "rim"
+    steps: int = 200
+    rank: int = 8
+    preset: str = "full"
+    lr: float = 1e-3
+    batch_size: int = 18  # divides both example folders (18 images; 180 with rim repeats): no ragged batches
+    weights: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])
+    seeds: int = 2  # images per prompt and weight
+    sample_steps: int = 25
+    cfg_scale: float = 5.0
+    seed: int = 0
+
+
 def _positive(name: str, value) -> None:
     if value is None or value <= 0:
         raise ConfigError(f"{name} must be > 0, got {value}")

@@ -3,37 +3,21 @@
 Writes `DIR/<style>.safetensors`, `DIR/grid.png` (rows: prompts; columns: LoRA weight 0, 0.5, 1) and
 `DIR/metrics.json` (style score, colour and shape accuracy per weight, read by the analyser). With
 `blend=True` it also trains the other style and measures both LoRAs blended at 0.5 + 0.5 (`DIR/blend.json`).
-The defaults below are the settings that reach the acceptance figures in the README.
+Its defaults (`DemoConfig` in config.py) are the settings that reach the acceptance figures in the README.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import AdapterConfig, DataConfig, TrainConfig
+from .config import AdapterConfig, DataConfig, DemoConfig, TrainConfig
 from .engine import BlendItem, Engine, Params
 from .errors import ConfigError
 from .safefiles import atomic_save_image, atomic_write_bytes
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "datasets_example"
-
-
-@dataclass
-class DemoConfig:
-    style: str = "rim"
-    steps: int = 200
-    rank: int = 8
-    preset: str = "full"
-    lr: float = 1e-3
-    batch_size: int = 18  # divides both example folders (18 images; 180 with rim repeats): no ragged batches
-    weights: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])
-    seeds: int = 2  # images per prompt and weight
-    sample_steps: int = 25
-    cfg_scale: float = 5.0
-    seed: int = 0
 
 
 def _prompts():

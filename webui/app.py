@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+from sdlora.config import StudioConfig
 from sdlora.engine import MODES, WEIGHT_RANGE, BlendItem, Engine, Params, parse_prompt
 from sdlora.errors import SdloraError
 from sdlora.grid import AXIS_KINDS, Axis, xy_grid
@@ -210,7 +211,7 @@ def _floats(text: str) -> list[float]:
         raise ConfigError(f"axis values must be numbers separated by commas, got {text!r}") from None
 
 
-def serve(base: str, lora_dir: Path, output_dir: Path, host: str = "127.0.0.1", port: int = 7860,
+def serve(base: str, lora_dir: Path, output_dir: Path, host: str = StudioConfig.host, port: int = StudioConfig.port,
           block: bool = True, base_config: str | None = None):
     """Start the UI. Gradio may read files from the outputs folder only (its cache lives inside it)."""
     import os
