@@ -63,9 +63,9 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     from .errors import ConfigError
     from .recipe import next_output_path, save_png
 
-    n = ns.batch_size * ns.batch_count
-    named = [] if not ns.out else [ns.out] if n == 1 else [ns.out.with_name(f"{ns.out.stem}-{k}{ns.out.suffix}")
-                                                          for k in range(n)]
+    n, named = ns.batch_size * ns.batch_count, []  # the --out files, known before anything runs
+    if ns.out:
+        named = [ns.out] if n == 1 else [ns.out.with_name(f"{ns.out.stem}-{k}{ns.out.suffix}") for k in range(n)]
     existing = [p for p in named if p.exists()]
     if existing and not ns.overwrite:  # checked before loading anything: nothing the user made is replaced unasked
         raise ConfigError(f"{existing[0]} already exists; pass --overwrite to replace it, or another --out")

@@ -309,22 +309,27 @@ class Engine:
         return int(size[0] if isinstance(size, list | tuple) else size) * int(self.pipe.vae_scale_factor)
 
     def sized(self, params: Params) -> Params:
-        """params with a width or height of 0 set to the base's native size."""
-        return replace(params, width=params.width or self.native_size, height=params.height or self.native_size)
+        """params with a width or height of 0 set to the base's native size, checked."""
+        params = replace(params, width=params.width or self.native_size, height=params.height or self.native_size)
+        params.check()
+        return params
+
+    def _ready(self, params: Params, blend: list[BlendItem], mode: str) -> None:
+        """The blend applied and the sampler set; call with the lock held."""
+        from .schedulers import make_scheduler
+
+        self.apply(blend, mode)
+        self.pipe.scheduler = make_scheduler(params.scheduler, self.base.scheduler.config)
 
     def generate(self, params: Params, blend: list[BlendItem] | None = None, mode: str = "exact",
                  progress=None) -> Result:
-        from .schedulers import make_scheduler
-
         params = self.sized(params)
-        params.check()
         text, tagged = parse_prompt(params.prompt)
         merged = {b.name: b for b in blend or []}
         merged.update({b.name: b for b in tagged})  # a tag in the prompt sets that LoRA's weights
         blend = list(merged.values())
         with self.lock:
-            self.apply(blend, mode)
-            self.pipe.scheduler = make_scheduler(params.scheduler, self.base.scheduler.config)
+            self._ready(params, blend, mode)
             seed = params.seed if params.seed != -1 else random.randrange(2**32)
             images, seeds, texts = [], [], []
             total = params.batch_count * params.steps
@@ -346,15 +351,11 @@ class Engine:
                mode: str = "exact") -> list:
         """One image per (prompt, seed) pair, all in one pipeline call: for measuring many prompts at once
         (`sdlora demo`). Prompts are plain text here (no <lora:...> tags); params.prompt and batch are unused."""
-        from .schedulers import make_scheduler
-
         if len(prompts) != len(seeds):
             raise ConfigError(f"render needs one seed per prompt, got {len(prompts)} prompts and {len(seeds)} seeds")
         params = self.sized(params)
-        params.check()
         with self.lock:
-            self.apply(blend or [], mode)
-            self.pipe.scheduler = make_scheduler(params.scheduler, self.base.scheduler.config)
+            self._ready(params, blend or [], mode)
             return self._call(prompts, seeds, params)
 
     def _call(self, prompts: list[str], seeds: list[int], params: Params, on_step=None) -> list:

@@ -211,8 +211,7 @@ def train(cfg: TrainConfig, *, progress: bool = False) -> TrainResult:
     if main:
         write_adapter(final_path, blob)
         if cfg.save_every:  # the end is resumable too: `--resume latest --steps MORE` trains on from here
-            save_state(state_path(out, name, step), step=step, lora=_lora_states(base, trained_tes),
-                       optimizer=optimizer, scheduler=scheduler, extra={"config": _flat_config(cfg)})
+            _save_state(cfg, base, trained_tes, name, step, optimizer, scheduler)
         _write_sidecars(final_path, cfg, base, samples)
         write_csv(out / "logs" / "loss.csv", rows)
         plot_loss(out / "loss.png", rows)
@@ -293,6 +292,7 @@ def _resume(path: Path, cfg: TrainConfig, base: Base, trained_tes, optimizer, sc
     state = load_state(path)
     flat = _flat_config(cfg)
     saved = state["extra"].get("config", {})
+
     def same(k):
         if k == "data":  # the same folder, however it was spelled
             return Path(saved[k]).resolve() == Path(flat[k]).resolve()
@@ -333,8 +333,9 @@ def _vae_fingerprint(vae) -> str:
 
     h = hashlib.sha1()
     h.update(f"{vae.config.scaling_factor}/{getattr(vae.config, 'shift_factor', None)}".encode())
-    for module in (vae.encoder, getattr(vae, "quant_conv", None)):
-        for name, p in (module.state_dict().items() if module is not None else ()):
+    modules = [m for m in (vae.encoder, getattr(vae, "quant_conv", None)) if m is not None]
+    for module in modules:
+        for name, p in module.state_dict().items():
             h.update(name.encode())
             h.update(p.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
@@ -499,10 +500,15 @@ def _checkpoint(cfg, base, trained_tes, targets, report, name, step, epoch, star
     if accelerator.is_main_process:
         out = Path(cfg.output_dir)
         write_adapter(out / f"{name}-step{step:06d}.safetensors", blob)
-        save_state(state_path(out, name, step), step=step, lora=_lora_states(base, trained_tes), optimizer=optimizer,
-                   scheduler=scheduler, extra={"config": _flat_config(cfg)})
+        _save_state(cfg, base, trained_tes, name, step, optimizer, scheduler)
         write_csv(out / "logs" / "loss.csv", rows)
     accelerator.wait_for_everyone()
+
+
+def _save_state(cfg, base, trained_tes, name, step, optimizer, scheduler) -> None:
+    """The resumable state at this step (the config goes with it, so a resume can refuse changed settings)."""
+    save_state(state_path(Path(cfg.output_dir), name, step), step=step, lora=_lora_states(base, trained_tes),
+               optimizer=optimizer, scheduler=scheduler, extra={"config": _flat_config(cfg)})
 
 
 @torch.no_grad()
