@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import re
 import sys
@@ -16,6 +17,7 @@ from .schedulers import SCHEDULERS
 from .toy.render import STYLES
 
 EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 1
 
 
 def _flag(name: str) -> str:
@@ -154,15 +156,18 @@ def cmd_demo(ns: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdlora", description="Stable Diffusion LoRA trainer and blending studio.")
     parser.add_argument("--version", action="version", version=f"sdlora {__version__}")
-    parser.add_argument("-q", "--quiet", action="store_true", help="Only print warnings and errors.")
+    _global_options(parser, False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, argparse.SUPPRESS)  # also after the command name; unset there, the top level's value stands
+    command = functools.partial(sub.add_parser, parents=[common])
 
-    p = sub.add_parser("train", help="Train a LoRA on a folder of captioned images.",
+    p = command("train", help="Train a LoRA on a folder of captioned images.",
                        description="Train a LoRA on a folder of captioned images.")
     add_train_options(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("generate", help="Generate images with a base and a blend of LoRAs.",
+    p = command("generate", help="Generate images with a base and a blend of LoRAs.",
                        description="Generate images with a base model and a weighted blend of LoRAs. Prompts may "
                                    "also hold <lora:name:w> tags naming LoRAs given with --lora.")
     studio = StudioConfig()
@@ -192,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"Folder for numbered outputs (default: {studio.output_dir}).")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("webui", help="Start the blend studio in the browser (Gradio).",
+    p = command("webui", help="Start the blend studio in the browser (Gradio).",
                        description="Start the blend studio: pick LoRAs from a folder, weight them, generate, grid.")
     p.add_argument("--base", default=studio.base, help=f"Base model (as for train; default: {studio.base}).")
     p.add_argument("--base-config", help="For a single-file --base: diffusers folder or Hub id with its configs.")
@@ -204,13 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", action="store_true", help="Allow a --host other than this machine (prints a warning).")
     p.set_defaults(func=cmd_webui)
 
-    p = sub.add_parser("inspect", help="Show what a LoRA file is: format, family, modules, rank, metadata, hashes.",
+    p = command("inspect", help="Show what a LoRA file is: format, family, modules, rank, metadata, hashes.",
                        description="Show what a LoRA file is: format, family, modules, rank, alpha, metadata, hashes.")
     p.add_argument("file", type=Path, help="A .safetensors LoRA.")
     p.add_argument("--json", action="store_true", help="Print one JSON object instead of text.")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("convert", help="Rewrite a LoRA in the kohya or diffusers layout.",
+    p = command("convert", help="Rewrite a LoRA in the kohya or diffusers layout.",
                        description="Rewrite a LoRA in the kohya (A1111, ComfyUI, Forge) or diffusers layout; "
                                    "tensors, alpha and scale are kept exactly.")
     p.add_argument("input", type=Path, help="The LoRA to read (.safetensors).")
@@ -221,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="Replace OUTPUT if it exists.")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("demo", help="Train a style LoRA on the toy base and measure what it does.",
+    p = command("demo", help="Train a style LoRA on the toy base and measure what it does.",
                        description="Train a style LoRA on the pretrained toy base from datasets_example/, then write "
                                    "a grid (prompts x LoRA weight 0, 0.5, 1) and metrics.json.")
     demo = DemoConfig()
@@ -232,6 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blend", action="store_true", help="Also train the other style and measure a 0.5 + 0.5 blend.")
     p.set_defaults(func=cmd_demo)
     return parser
+
+
+def _global_options(parser: argparse.ArgumentParser, default) -> None:
+    parser.add_argument("-q", "--quiet", action="store_true", default=default, help="Only print warnings and errors.")
+    parser.add_argument("--debug", action="store_true", default=default,
+                        help="Show the full traceback of an unexpected error.")
 
 
 def _quiet_dependencies() -> None:
@@ -263,6 +274,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        print("error: out of memory; lower --batch-size or --resolution (train: --gradient-checkpointing helps)",
+              file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as e:  # a full disk, a permission, a vanished file: the user's to fix, with the file named
+        print(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Exception as e:
+        if "out of memory" in str(e).lower():  # torch.OutOfMemoryError and its kin
+            print("error: out of memory on the GPU; lower --batch-size or --resolution (train: "
+                  "--gradient-checkpointing, --mixed-precision bf16)", file=sys.stderr)
+            return EXIT_USER_ERROR
+        if ns.debug:
+            raise
+        print(f"error: unexpected {type(e).__name__}: {e}\nThis is a bug in sdlora or one of its libraries; "
+              "run again with --debug for the traceback, and report it.", file=sys.stderr)
+        return EXIT_INTERNAL_ERROR
 
 
 if __name__ == "__main__":  # pragma: no cover

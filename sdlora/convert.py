@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -12,7 +11,7 @@ import torch
 from . import formats
 from .archs import TITLES, meta_models
 from .errors import FormatError
-from .lorafile import Fit, LoraFile, fit, read_lora
+from .lorafile import Fit, LoraFile, fit, read_lora, trigger_words
 from .metadata import data_hash
 from .safefiles import atomic_write_bytes
 
@@ -49,14 +48,8 @@ def info(path: Path) -> dict:
     alphas = Counter(m.alpha if m.alpha is not None else float(m.rank) for m in lf.modules.values())
     dtypes = Counter(str(t.dtype).removeprefix("torch.") for k, t in lf.raw.items() if not k.endswith("alpha"))
     meta = lf.metadata
-    blob = Path(path).read_bytes()
-    digest = data_hash(blob)
-    triggers = [t.strip() for t in meta.get("modelspec.trigger_phrase", "").split(",") if t.strip()]
-    sidecar = Path(path).with_suffix(".json")
-    if not triggers and sidecar.is_file():
-        with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            text = json.loads(sidecar.read_text(encoding="utf-8")).get("activation text", "")
-            triggers = [t.strip() for t in text.split(",") if t.strip()]
+    digest = lf.sha256
+    triggers = trigger_words(path, meta)
     tags = Counter()
     try:
         for folder in json.loads(meta.get("ss_tag_frequency", "{}")).values():
@@ -73,7 +66,7 @@ def info(path: Path) -> dict:
         "ranks": {str(k): v for k, v in sorted(ranks.items())},
         "alphas": {f"{k:g}": v for k, v in sorted(alphas.items())},
         "parameters": sum(t.numel() for k, t in lf.raw.items() if not k.endswith("alpha")),
-        "file_bytes": len(blob),
+        "file_bytes": Path(path).stat().st_size,
         "precision": dict(dtypes),
         "trigger_words": triggers,
         "top_tags": [t for t, _ in tags.most_common(10)],

@@ -17,6 +17,7 @@ import random
 import re
 import threading
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import torch
 
 from .config import Params
 from .errors import ConfigError, FormatError
-from .lorafile import Fit, LoraFile, fit, read_lora
+from .lorafile import Fit, LoraFile, fit, peek_lora, read_lora, trigger_words
 from .models import Base, load_base
 
 log = logging.getLogger("sdlora")
@@ -32,7 +33,7 @@ log = logging.getLogger("sdlora")
 WEIGHT_RANGE = (-2.0, 2.0)
 MAX_LIVE_ADAPTERS = 8  # peft adapters kept inside the pipeline at once (parsed files are cached without limit)
 MODES = ("exact", "fast")
-LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([-+]?[0-9]*\.?[0-9]+))?(?::([-+]?[0-9]*\.?[0-9]+))?>")
+LORA_TAG = re.compile(r"<lora:([^<>]*)>")  # linear: one scan to the next angle bracket, no backtracking
 
 
 @dataclass(frozen=True)
@@ -54,17 +55,32 @@ class BlendItem:
 
 
 def parse_prompt(prompt: str) -> tuple[str, list[BlendItem]]:
-    """Take `<lora:name:w>` / `<lora:name:te_w:unet_w>` tags out of a prompt; return the clean text and the items."""
-    items = []
-    for m in LORA_TAG.finditer(prompt):
-        name, a, b = m.group(1).strip(), m.group(2), m.group(3)
-        if b is not None:
-            items.append(BlendItem(name, unet=float(b), te=float(a)))
-        else:
-            items.append(BlendItem(name, unet=float(a) if a is not None else 1.0))
+    """Take A1111's `<lora:name:...>` tags out of a prompt; return the clean text and the items."""
+    items = [_tag_item(m.group(0), m.group(1)) for m in LORA_TAG.finditer(prompt)]
     text = LORA_TAG.sub("", prompt)
     text = re.sub(r"\s*,\s*(,\s*)+", ", ", re.sub(r"\s{2,}", " ", text)).strip(" ,")
     return text, items
+
+
+def _tag_item(tag: str, body: str) -> BlendItem:
+    """A1111's arguments: `name:te:unet:dyn` by position, or `te=`, `unet=`, `dyn=` by name; the UNet weight
+    defaults to the text encoder's, which defaults to 1 (`<lora:name:w>` is w for both)."""
+    name, *args = body.split(":")
+    positional = [a.strip() for a in args if "=" not in a]
+    named = dict(a.split("=", 1) for a in args if "=" in a)
+    named = {k.strip(): v.strip() for k, v in named.items()}
+    unknown = set(named) - {"te", "unet", "dyn"}
+    if not name.strip() or unknown or len(positional) > 3:
+        raise ConfigError(f"{tag}: write <lora:NAME:WEIGHT>, <lora:NAME:TE_WEIGHT:UNET_WEIGHT> or named te=, unet= "
+                          f"(A1111's syntax){'; unknown argument ' + ', '.join(sorted(unknown)) if unknown else ''}")
+    try:
+        te = float(named.get("te", positional[0] if positional else 1.0))
+        unet = float(named.get("unet", positional[1] if len(positional) > 1 else te))
+    except ValueError:
+        raise ConfigError(f"{tag}: the weights must be numbers") from None
+    if "dyn" in named or len(positional) > 2:
+        log.warning(f"{tag}: dyn= (DyLoRA's rank limit) is not supported; the LoRA is applied at its full rank")
+    return BlendItem(name.strip(), unet=unet, te=None if te == unet else te)
 
 
 def blend_tags(blend: list[BlendItem]) -> str:
@@ -85,7 +101,6 @@ class LoraInfo:
     triggers: list[str]
     preferred_weight: float
     preview: Path | None
-    short_hash: str
     compatible: bool
     problem: str = ""
 
@@ -93,52 +108,62 @@ class LoraInfo:
 class LoraLibrary:
     """LoRAs by name: the `.safetensors` files of one folder (and its subfolders), plus files named explicitly
     (the CLI's --lora). Names are the only handle the UI gets: a path never comes from a user there, and
-    links that lead outside the folder are left out."""
+    links that lead outside the folder are left out. Listing reads each file's header only (cached by path, size
+    and mtime, so a rescan reads only what changed); the tensors are read once, when a LoRA is first applied."""
 
     def __init__(self, folder: Path | None, family: str, files: list[Path] = ()):
         self.folder = Path(folder).resolve() if folder else None
         self.family = family
         self.files = [Path(f) for f in files]
         self.entries: dict[str, LoraInfo] = {}
+        self._seen: dict[tuple, LoraInfo] = {}
         self.rescan()
 
     def rescan(self) -> None:
-        self.entries = {}
+        entries: dict[str, LoraInfo] = {}
         if self.folder is not None:
             if not self.folder.is_dir():
                 raise ConfigError(f"LoRA folder not found: {self.folder}")
             for path in sorted(self.folder.rglob("*.safetensors")):
                 real = path.resolve()
-                if real.is_relative_to(self.folder) and real.is_file() and path.stem not in self.entries:
-                    self.entries[path.stem] = self._entry(path, self.folder)
+                if real.is_relative_to(self.folder) and real.is_file() and path.stem not in entries:
+                    entries[path.stem] = self._entry(path, self.folder)
         for path in self.files:
             if not path.is_file():
                 raise ConfigError(f"LoRA file not found: {path}")
-            if path.stem in self.entries and self.entries[path.stem].path != path.resolve():
+            if path.stem in entries and entries[path.stem].path != path.resolve():
                 raise ConfigError(f"two LoRAs are named {path.stem!r}; rename one")
-            self.entries[path.stem] = self._entry(path, path.resolve().parent)
+            entries[path.stem] = self._entry(path, path.resolve().parent)
+        self.entries = entries
+        live = {file_key(e.path) for e in entries.values()}
+        self._seen = {k: v for k, v in self._seen.items() if k in live}
 
     def _entry(self, path: Path, root: Path) -> LoraInfo:
-        import json
+        key = file_key(path.resolve())
+        if key not in self._seen or self._seen[key].name != path.stem:
+            self._seen[key] = self._describe(path, root)
+        return self._seen[key]
 
-        from .convert import info as file_info
+    def _describe(self, path: Path, root: Path) -> LoraInfo:
+        import json
 
         real, name = path.resolve(), path.stem
         try:
-            d = file_info(real)
+            lf = peek_lora(real)
         except FormatError as e:
-            return LoraInfo(name, real, None, 0, "?", [], 1.0, None, "", False, str(e))
-        weight, triggers = 1.0, d["trigger_words"]
+            return LoraInfo(name, real, None, 0, "?", [], 1.0, None, False, str(e))
+        weight = 1.0
         sidecar = path.with_suffix(".json")
         if sidecar.is_file() and sidecar.resolve().is_relative_to(root):
             with contextlib.suppress(ValueError, UnicodeDecodeError, AttributeError, TypeError):
                 weight = float(json.loads(sidecar.read_text(encoding="utf-8")).get("preferred weight") or 1.0)
         preview = path.with_name(name + ".preview.png")
         preview = preview.resolve() if preview.is_file() and preview.resolve().is_relative_to(root) else None
-        ok = d["family"] in (None, self.family)
-        problem = "" if ok else f"made for {d['family']}, the base is {self.family}"
-        rank = int(next(iter(d["ranks"]), 0))
-        return LoraInfo(name, real, d["family"], rank, d["kind"], triggers, weight, preview, d["short_hash"], ok, problem)
+        ok = lf.family in (None, self.family)
+        problem = "" if ok else f"made for {lf.family}, the base is {self.family}"
+        rank = Counter(m.rank for m in lf.modules.values()).most_common(1)[0][0]
+        return LoraInfo(name, real, lf.family, rank, lf.kind, trigger_words(real, lf.metadata), weight, preview, ok,
+                        problem)
 
     def get(self, name: str) -> LoraInfo:
         entry = self.entries.get(name)
@@ -147,6 +172,15 @@ class LoraLibrary:
         if not entry.compatible:
             raise FormatError(f"LoRA {name!r} cannot be applied: {entry.problem}")
         return entry
+
+
+def file_key(path: Path) -> tuple:
+    """What identifies one version of a file: its path, size and modification time."""
+    try:
+        st = Path(path).stat()
+    except FileNotFoundError:
+        raise ConfigError(f"LoRA file {path} is gone; it was moved or deleted after the library was read") from None
+    return (str(path), st.st_size, st.st_mtime_ns)
 
 
 @dataclass
@@ -167,6 +201,7 @@ class Engine:
         self.pipe.to(self.device, self.dtype)
         self.library = LoraLibrary(lora_dir, self.base.family, lora_files)
         self.lock = threading.Lock()
+        self.max_loras: int | None = None  # a cap on LoRAs per blend, prompt tags included (the web UI sets one)
         self.file_reads = 0  # how often a LoRA file was read from disk (the cache should keep this flat)
         self._files: dict[tuple, LoraFile] = {}
         self._fits: dict[tuple, Fit] = {}
@@ -177,13 +212,10 @@ class Engine:
 
     # ------------------------------------------------------------ files and adapters
 
-    def _key(self, path: Path) -> tuple:
-        st = path.stat()
-        return (str(path), st.st_size, st.st_mtime_ns)
-
     def lora_file(self, path: Path) -> tuple[tuple, LoraFile, Fit]:
-        key = self._key(path)
+        key = file_key(path)
         if key not in self._files:
+            self._forget(lambda k: k[0] == key[0])  # an older version of this file
             lf = read_lora(path)
             self.file_reads += 1
             self._fits[key] = fit(lf, self.base.modules(), self.base.family, self.base.name)
@@ -191,6 +223,16 @@ class Engine:
             if self._fits[key].unmatched:  # applied to the layers it does match, as A1111 and ComfyUI do, but said
                 log.warning(f"{path}: {self._fits[key].report()}; only the matched modules are applied")
         return key, self._files[key], self._fits[key]
+
+    def rescan(self) -> None:
+        """Read the LoRA folder again; parsed files that left it are let go (adapters in use stay until replaced)."""
+        self.library.rescan()
+        live = {str(e.path) for e in self.library.entries.values()}
+        self._forget(lambda k: k[0] not in live)
+
+    def _forget(self, which) -> None:
+        for k in [k for k in self._files if which(k)]:
+            del self._files[k], self._fits[k]
 
     def _resolve(self, blend: list[BlendItem]) -> list[tuple[BlendItem, tuple, LoraFile, Fit]]:
         out = []
@@ -207,12 +249,12 @@ class Engine:
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         resolved = self._resolve(blend)
-        merged = [(i, k, lf, f) for i, k, lf, f in resolved if mode == "fast" or set(lf.kinds) != {"lora"}]
-        exact = [(i, k, lf, f) for i, k, lf, f in resolved if (i, k, lf, f) not in merged]
-        self._merge([(i, k, f) for i, k, _, f in merged])
-        self._set_exact([(i, k, lf) for i, k, lf, _ in exact])
+        merged = [(i, k, f) for i, k, lf, f in resolved if mode == "fast" or not lf.plain]
+        exact = [(i, k, f) for i, k, lf, f in resolved if mode == "exact" and lf.plain]
+        self._merge(merged)
+        self._set_exact(exact)
 
-    def _set_exact(self, items: list[tuple[BlendItem, tuple, LoraFile]]) -> None:
+    def _set_exact(self, items: list[tuple[BlendItem, tuple, Fit]]) -> None:
         state = tuple((self._adapter_name(k), i.unet, i.te_weight) for i, k, _ in items)
         if state == self._exact:
             return
@@ -233,13 +275,15 @@ class Engine:
             self.pipe.delete_adapters(evict)
             for n in evict:
                 del self._adapters[n]
-        for _, key, lf in items:
+        for _, key, result in items:
             name = self._adapter_name(key)
             if name not in self._adapters:
                 with warnings.catch_warnings():
                     # peft warns on every adapter after the first; several adapters are the point here.
                     warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-                    self.pipe.load_lora_weights(dict(lf.raw), adapter_name=name)
+                    # What the reader fitted, not the file's own tensors: one layout diffusers reads the same way
+                    # every time, with each module's scale folded in (the same update fast mode merges).
+                    self.pipe.load_lora_weights(result.peft_state(), adapter_name=name)
                 self._adapters[name] = key
         self.pipe.enable_lora()
         comps = [c for c in ("text_encoder", "text_encoder_2") if getattr(self.pipe, c, None) is not None]
@@ -259,8 +303,7 @@ class Engine:
             changes = [(i, r, i.unet - old[k][0], i.te_weight - old[k][1]) for i, k, r in items
                        if (i.unet, i.te_weight) != old[k]]
         else:
-            for (component, path), original in self._backup.items():  # back to the base, exactly
-                _weight(models[component], path).copy_(original)
+            self._restore()
             changes = [(i, r, i.unet, i.te_weight) for i, _, r in items]
         rebuild = set()
         for _, result, unet_w, te_w in changes:
@@ -271,14 +314,15 @@ class Engine:
                 weight = _weight(models[t.component], t.path)
                 key = (t.component, t.path)
                 if key not in self._backup:
-                    self._backup[key] = weight.detach().clone()
+                    # Kept in host memory: a blend over most of an SDXL UNet would otherwise hold a second UNet's
+                    # worth of weights on the GPU.
+                    self._backup[key] = weight.detach().to("cpu", copy=True)
                 if weight.dtype in (torch.float16, torch.bfloat16):
                     # Adding to half-precision weights rounds on every slider move and the blend drifts; these
                     # layers are rebuilt below from the base in fp32 and rounded once.
                     rebuild.add(key)
                     continue
-                delta = t.module.delta(tuple(weight.shape)).to(weight.device)
-                weight.copy_((weight.float() + w * delta).to(weight.dtype))
+                weight.add_(w * t.module.delta(tuple(weight.shape), weight.device))
         sums: dict[tuple[str, str], torch.Tensor] = {}
         for i, _, result in items if rebuild else ():
             for t in result.targets:
@@ -286,14 +330,22 @@ class Engine:
                 w = i.unet if t.component == "unet" else i.te_weight
                 if key not in rebuild:
                     continue
+                weight = _weight(models[t.component], t.path)
                 if key not in sums:
-                    sums[key] = self._backup[key].to(torch.float32, copy=True)
+                    sums[key] = self._backup[key].to(weight.device, torch.float32)
                 if w != 0:
-                    sums[key] += w * t.module.delta(tuple(sums[key].shape)).to(sums[key].device)
+                    sums[key] += w * t.module.delta(tuple(weight.shape), weight.device)
         for (component, path), total in sums.items():
             weight = _weight(models[component], path)
             weight.copy_(total.to(weight.dtype))
         self._merged = state
+
+    def _restore(self) -> None:
+        """Every merged weight back to the base, bit for bit, and the backups let go."""
+        models = self.base.modules()
+        for (component, path), original in self._backup.items():
+            _weight(models[component], path).copy_(original)
+        self._backup.clear()
 
     def clear(self) -> None:
         """No LoRA: merged weights restored from the backup, adapters disabled."""
@@ -328,6 +380,8 @@ class Engine:
         merged = {b.name: b for b in blend or []}
         merged.update({b.name: b for b in tagged})  # a tag in the prompt sets that LoRA's weights
         blend = list(merged.values())
+        if self.max_loras is not None and len(blend) > self.max_loras:
+            raise ConfigError(f"{len(blend)} LoRAs in one blend (prompt tags included); at most {self.max_loras}")
         with self.lock:
             self._ready(params, blend, mode)
             seed = params.seed if params.seed != -1 else random.randrange(2**32)
@@ -365,10 +419,14 @@ class Engine:
                          guidance_scale=params.cfg_scale, width=params.width, height=params.height,
                          generator=gens, callback_on_step_end=on_step).images
 
+    def short_hash(self, name: str) -> str:
+        """A1111's short LoRA hash (12 digits of the sha256 of the tensor data), from the one read of the file."""
+        return self.lora_file(self.library.get(name).path)[1].sha256[:12]
+
     def infotext(self, params: Params, text: str, blend: list[BlendItem], seed: int) -> str:
         from .recipe import a1111_parameters
 
-        hashes = {b.name: self.library.get(b.name).short_hash for b in blend}
+        hashes = {b.name: self.short_hash(b.name) for b in blend}
         prompt = " ".join(p for p in (text, blend_tags(blend)) if p)
         return a1111_parameters(prompt, params.negative_prompt, params.steps, params.scheduler, params.cfg_scale, seed,
                                 params.width, params.height, self.base.name, {k: v for k, v in hashes.items() if v})

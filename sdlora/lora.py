@@ -36,29 +36,41 @@ def target_regex(preset: str, component: str) -> str:
     return rf".*\.({table[preset]})"
 
 
-def targeted_modules(model: torch.nn.Module, preset: str, component: str) -> list[str]:
+def unreachable(model: torch.nn.Module, family: str, component: str) -> str | None:
+    """A regex of the layers whose output never reaches the loss, or None. SDXL conditions on the penultimate
+    hidden state of both text encoders; encoder 2's last layer still feeds the pooled embedding, but encoder 1's
+    feeds nothing. LoRA there would stay at its initial zero update, and DDP refuses parameters without a
+    gradient, so such layers get no LoRA (the adapter's metadata says so)."""
+    if family == "sdxl" and component == "text_encoder":
+        return rf"(.*\.)?encoder\.layers\.{model.config.num_hidden_layers - 1}\..*"
+    return None
+
+
+def targeted_modules(model: torch.nn.Module, preset: str, component: str, exclude: str | None = None) -> list[str]:
     """Paths of the Linear/Conv2d modules a preset puts LoRA on (what peft will match)."""
     pattern = re.compile(target_regex(preset, component))
+    skip = re.compile(exclude) if exclude else None
     return [name for name, m in model.named_modules()
-            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and pattern.fullmatch(name)]
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and pattern.fullmatch(name)
+            and not (skip and skip.fullmatch(name))]
 
 
-def peft_config(cfg: AdapterConfig, component: str):
+def peft_config(cfg: AdapterConfig, component: str, exclude: str | None = None):
     from peft import LoraConfig
 
     return LoraConfig(
         r=cfg.rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.dropout,
-        target_modules=target_regex(cfg.preset, component), init_lora_weights=True,
+        target_modules=target_regex(cfg.preset, component), exclude_modules=exclude, init_lora_weights=True,
     )
 
 
-def inject(model: torch.nn.Module, cfg: AdapterConfig, component: str) -> list[str]:
-    """Freeze `model` and add a LoRA adapter; returns the targeted module paths."""
-    targets = targeted_modules(model, cfg.preset, component)
+def inject(model: torch.nn.Module, cfg: AdapterConfig, component: str, exclude: str | None = None) -> list[str]:
+    """Freeze `model` and add a LoRA adapter (not on modules matching `exclude`); returns the targeted paths."""
+    targets = targeted_modules(model, cfg.preset, component, exclude)
     if not targets:
         raise ConfigError(f"preset {cfg.preset!r} matches no module of the {component}; this base is not supported")
     model.requires_grad_(False)
-    model.add_adapter(peft_config(cfg, component), adapter_name=ADAPTER)
+    model.add_adapter(peft_config(cfg, component, exclude), adapter_name=ADAPTER)
     return targets
 
 

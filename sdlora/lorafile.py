@@ -9,6 +9,7 @@ error naming it. Fitting onto a base refuses another family and a LoRA that matc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections import Counter
@@ -19,8 +20,8 @@ import torch
 
 from .errors import FormatError
 from .formats import kohya_module
-from .metadata import FAMILY_OF_VERSION
-from .safefiles import read_safetensors
+from .metadata import FAMILY_OF_VERSION, data_hash
+from .safefiles import DTYPES, read_header, read_safetensors_bytes
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 LORA_SUFFIXES = {"lora_down.weight": "down", "lora_up.weight": "up", "lora_mid.weight": "mid", "alpha": "alpha"}
@@ -63,15 +64,22 @@ class FileModule:
         return 0  # LoKr without a low-rank factor
 
     @property
+    def plain(self) -> bool:
+        """A plain low-rank pair (down/up, optional alpha), which peft can hold as a LoRA layer; a LoCon Tucker
+        core (`lora_mid`), LoHa and LoKr can only be merged."""
+        return self.kind == "lora" and "mid" not in self.tensors
+
+    @property
     def scale(self) -> float:
         rank, alpha = self.rank, self.alpha
         if not rank or alpha is None:
             return 1.0
         return alpha / rank
 
-    def delta(self, weight_shape: tuple[int, ...]) -> torch.Tensor:
-        """ΔW (scale included) in fp32, shaped like the module's weight."""
-        t = {k: v.float() for k, v in self.tensors.items() if k != "alpha"}
+    def delta(self, weight_shape: tuple[int, ...], device: torch.device | str | None = None) -> torch.Tensor:
+        """ΔW (scale included) in fp32, shaped like the module's weight, computed on `device` (default: where the
+        file's tensors are; give the weight's device so a GPU base does its own arithmetic)."""
+        t = {k: v.to(device, torch.float32) for k, v in self.tensors.items() if k != "alpha"}
         if self.kind == "lora":
             up, down = t["up"].flatten(1), t["down"]
             if "mid" in t:  # LoCon with a Tucker core: ΔW[o,i,h,w] = Σ up[o,m] mid[m,n,h,w] down[n,i]
@@ -101,15 +109,47 @@ class LoraFile:
     family: str | None
     family_source: str  # metadata, shapes, unknown
     raw: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
+    sha256: str = ""  # of the tensor data (kohya's sshs_model_hash; A1111 shows the first 12 digits); "" when peeked
 
     @property
     def kind(self) -> str:
         return "+".join(sorted(self.kinds))
 
+    @property
+    def plain(self) -> bool:
+        return all(m.plain for m in self.modules.values())
+
 
 def read_lora(path: Path) -> LoraFile:
+    """The whole file, read from disk once: tensors, metadata and the hash of its tensor data."""
     path = Path(path)
-    tensors, meta = read_safetensors(path)
+    tensors, meta, blob = read_safetensors_bytes(path)
+    lf = _parsed(path, tensors, meta)
+    lf.sha256 = data_hash(blob)
+    return lf
+
+
+def peek_lora(path: Path) -> LoraFile:
+    """What a LoRA is (layout, kinds, family, ranks, metadata) from its header alone: no tensor is read, and the
+    tensors are shape-only (`meta` device). For listing a library; read_lora before applying it."""
+    path = Path(path)
+    header, meta = read_header(path)
+    tensors = {k: torch.empty(v["shape"], dtype=DTYPES[v["dtype"]], device="meta") for k, v in header.items()}
+    return _parsed(path, tensors, meta)
+
+
+def trigger_words(path: Path, meta: dict[str, str]) -> list[str]:
+    """The metadata's trigger phrase, else the A1111 sidecar's `activation text`."""
+    triggers = [t.strip() for t in meta.get("modelspec.trigger_phrase", "").split(",") if t.strip()]
+    sidecar = Path(path).with_suffix(".json")
+    if not triggers and sidecar.is_file():
+        with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError, AttributeError, OSError):
+            text = json.loads(sidecar.read_text(encoding="utf-8")).get("activation text", "")
+            triggers = [t.strip() for t in str(text).split(",") if t.strip()]
+    return triggers
+
+
+def _parsed(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> LoraFile:
     if not tensors:
         raise FormatError(f"{path}: the file holds no tensors")
     try:
@@ -269,6 +309,29 @@ class Target:
 class Fit:
     targets: list[Target]
     unmatched: list[str]
+
+    def peft_state(self) -> dict[str, torch.Tensor]:
+        """The matched modules as diffusers-layout tensors (`<component>.<path>.lora_A/lora_B.weight`, fp32), each
+        module's alpha/rank folded into lora_B and shaped for its layer. diffusers gives every module of a state
+        without alphas the scale 1 (alpha = rank, per module), so loading this builds exactly the update
+        `FileModule.delta` computes, whatever the file's layout, key style, ranks or alphas were."""
+        out = {}
+        for t in self.targets:
+            m = t.module
+            if not m.plain:
+                raise FormatError(f"module {m.name} is {m.kind}{' with a Tucker core' if 'mid' in m.tensors else ''}; "
+                                  "it can only be merged")
+            down, up = m.tensors["down"].float(), m.tensors["up"].float()
+            shape = tuple(t.layer.weight.shape)
+            rank = down.shape[0]
+            if isinstance(t.layer, torch.nn.Conv2d):
+                down, up = down.reshape(rank, *shape[1:]), up.reshape(shape[0], rank, 1, 1)
+            else:
+                down, up = down.reshape(rank, -1), up.reshape(shape[0], rank)
+            key = f"{t.component}.{t.path}"
+            out[f"{key}.lora_A.weight"] = down.contiguous()
+            out[f"{key}.lora_B.weight"] = (up * m.scale).contiguous()
+        return out
 
     def report(self) -> str:
         if not self.unmatched:

@@ -28,7 +28,10 @@ def training_metadata(*, name: str, family: str, prediction_type: str, base_name
                       text_encoder_lr: float | None, num_images: int, tag_frequency: dict, dataset_dirs: dict, dataset_dir: str,
                       buckets: dict, trigger: str, seed: int, started: float, finished: float,
                       sample_image: str = "", optimizer: str = "", lr_scheduler: str = "",
-                      min_snr_gamma: float = 0.0, noise_offset: float = 0.0) -> dict[str, str]:
+                      min_snr_gamma: float = 0.0, noise_offset: float = 0.0,
+                      untrained: dict[str, str] | None = None) -> dict[str, str]:
+    """`untrained`: per component, the layers a preset names but that got no LoRA because the loss never
+    reaches them (SDXL's text encoder 1 last layer), with the reason; written as `sdlora_untrained_layers`."""
     version = BASE_VERSION.get((family, prediction_type), f"{family}")
     args = {"preset": preset}
     if preset == "full":
@@ -72,6 +75,8 @@ def training_metadata(*, name: str, family: str, prediction_type: str, base_name
         "modelspec.prediction_type": prediction_type,
         "modelspec.date": _iso(finished),
     }
+    if untrained:
+        meta["sdlora_untrained_layers"] = json.dumps(untrained)
     if trigger:
         meta["modelspec.trigger_phrase"] = trigger
     if sample_image:

@@ -9,12 +9,15 @@ prediction type (epsilon, v_prediction) are detected here and used everywhere el
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .errors import ModelError
+
+log = logging.getLogger("sdlora")
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 BUILTINS = ("tiny-sd", "tiny-sdxl", "toy")
@@ -94,7 +97,7 @@ def load_base(spec: str, *, prediction_type: str | None = None, seed: int = 0, c
         elif path.suffix.lower() == ".safetensors":
             if not path.is_file():
                 raise ModelError(f"base model file not found: {path}")
-            base = _load_single_file(path, config)
+            base = _load_single_file(path, config, prediction_type)
         elif _looks_like_hub_id(spec) and not path.exists():
             base = _load_hub(spec)
         else:
@@ -102,8 +105,10 @@ def load_base(spec: str, *, prediction_type: str | None = None, seed: int = 0, c
                 f"base model {spec!r} not found: give a diffusers folder (with model_index.json), a .safetensors "
                 f"checkpoint, a Hub id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5', or one of {', '.join(BUILTINS)}"
             )
-    if prediction_type:
+    if prediction_type and prediction_type != base.prediction_type:
         base.prediction_type = prediction_type
+        # The sampling scheduler too: samples, the studio and every sampler are built from its config.
+        base.scheduler = type(base.scheduler).from_config(base.scheduler.config, prediction_type=prediction_type)
     return base
 
 
@@ -267,7 +272,31 @@ def checkpoint_family(keys) -> str:
     )
 
 
-def _load_single_file(path: Path, config: str | None = None) -> Base:
+# ComfyUI's test for SD 2.x checkpoints (model_detection / supported_models): the 768-v models have a wider spread
+# in this one LayerNorm bias than the 512 epsilon ones. Some tools also mark v-prediction with a `v_pred` key.
+SD2_V_PROBE = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"
+SD2_V_STD = 0.09
+SD2_SETUP = {"v_prediction": ("stabilityai/stable-diffusion-2-1", 768),
+             "epsilon": ("stabilityai/stable-diffusion-2-1-base", 512)}
+
+
+def sd2_prediction_type(path: Path) -> tuple[str | None, str]:
+    """The prediction type of an SD 2.x single-file checkpoint and how it was found: (None, why) when the file
+    does not say. The 2.x models share one architecture, so this is all that tells 768-v from 512-base."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        keys = set(f.keys())
+        if "v_pred" in keys:
+            return "v_prediction", "its v_pred marker"
+        if SD2_V_PROBE not in keys:
+            return None, f"it has no {SD2_V_PROBE} to tell 768-v from 512-base by"
+        std = float(f.get_tensor(SD2_V_PROBE).float().std(unbiased=False))
+    kind = "v_prediction" if std > SD2_V_STD else "epsilon"
+    return kind, f"its weights (the spread of one LayerNorm bias, {std:.3f}, is {'above' if std > SD2_V_STD else 'below'} {SD2_V_STD})"
+
+
+def _load_single_file(path: Path, config: str | None = None, prediction_type: str | None = None) -> Base:
     from safetensors import safe_open
 
     from .safefiles import check_safetensors
@@ -279,6 +308,18 @@ def _load_single_file(path: Path, config: str | None = None) -> Base:
         family = checkpoint_family(keys)
     except ModelError as e:
         raise ModelError(f"{path}: {e}") from None
+    if family == "sd2":
+        if prediction_type:
+            how = "--prediction-type"
+        else:
+            prediction_type, how = sd2_prediction_type(path)
+            if prediction_type is None:
+                prediction_type = "v_prediction"
+                log.warning(f"{path}: SD 2.x checkpoint, but {how}; assumed v_prediction at 768 px (as diffusers "
+                            "does). If images come out as noise or grey, pass --prediction-type epsilon (512-base).")
+        log.info(f"{path}: SD 2.x, {prediction_type} (from {how})")
+        if not config:
+            config = SD2_SETUP[prediction_type][0]
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     kwargs: dict = {}
@@ -299,7 +340,12 @@ def _load_single_file(path: Path, config: str | None = None) -> Base:
             "weights only: the configs and tokenizer come from the Hugging Face cache or the Hub, or from "
             "--base-config DIR (a diffusers folder of the same model family)."
         ) from e
-    return _from_pipeline(path.stem, pipe, family)
+    base = _from_pipeline(path.stem, pipe, family)
+    if family == "sd2":
+        base.unet.register_to_config(sample_size=SD2_SETUP[prediction_type][1] // base.vae_scale_factor)
+        base.prediction_type = prediction_type
+        base.scheduler = type(base.scheduler).from_config(base.scheduler.config, prediction_type=prediction_type)
+    return base
 
 
 def _load_hub(repo: str) -> Base:

@@ -22,22 +22,49 @@ def a1111_parameters(prompt: str, negative: str, steps: int, sampler: str, cfg_s
     return f"{prompt}\n{negative_line}" + ", ".join(f"{k}: {v}" for k, v in pairs)
 
 
+MAX_PARAMETERS = 64 * 1024  # characters; A1111's recipes are a few hundred (a 1 MB text chunk is an attack, or junk)
+
+
 def parse_parameters(text: str) -> dict:
-    """Read A1111's `parameters` text back into a dict (prompt, negative_prompt, and the key/value line)."""
+    """Read A1111's `parameters` text back into a dict (prompt, negative_prompt, and the key/value line).
+    Linear in the text's length, and texts over MAX_PARAMETERS characters are refused."""
+    if len(text) > MAX_PARAMETERS:
+        raise FormatError(f"the generation parameters are {len(text):,} characters long; sdlora reads at most "
+                          f"{MAX_PARAMETERS:,} (A1111 writes a few hundred)")
     lines = text.strip().split("\n")
     if not lines or not re.search(r"(^|, )Steps: \d+", lines[-1]):
         raise FormatError("no A1111 generation parameters in this text")
-    settings = lines[-1]
     body = lines[:-1]
     neg_idx = next((i for i, ln in enumerate(body) if ln.startswith("Negative prompt:")), None)
     prompt = "\n".join(body if neg_idx is None else body[:neg_idx])
     negative = "" if neg_idx is None else "\n".join(body[neg_idx:])[len("Negative prompt:"):].strip()
-    out: dict = {"prompt": prompt, "negative_prompt": negative}
-    for m in re.finditer(r'\s*([\w ]+): ("(?:\\.|[^"])*"|[^,]*)(?:,|$)', settings):
-        key, value = m.group(1).strip(), m.group(2).strip()
-        out[key] = value[1:-1] if value.startswith('"') else value
+    out: dict = {"prompt": prompt, "negative_prompt": negative, **_settings(lines[-1])}
     if out.get("Schedule type") == "Karras" and "Sampler" in out:
         out["Sampler"] += " Karras"
+    return out
+
+
+def _settings(line: str) -> dict[str, str]:
+    """`Key: value, Key: "quoted, with \\" escapes", ...` in one left-to-right pass."""
+    out, pos, n = {}, 0, len(line)
+    while pos < n:
+        colon = line.find(": ", pos)
+        if colon < 0:
+            break
+        key = line[pos:colon].rsplit(",", 1)[-1].strip()
+        pos = colon + 2
+        if line.startswith('"', pos):
+            end = pos + 1
+            while end < n and line[end] != '"':
+                end += 2 if line[end] == "\\" else 1
+            value = line[pos + 1 : min(end, n)]
+            comma = line.find(",", end + 1)
+        else:
+            comma = line.find(",", pos)
+            value = line[pos : n if comma < 0 else comma].strip()
+        pos = n if comma < 0 else comma + 1
+        if key:
+            out[key] = value
     return out
 
 

@@ -17,35 +17,54 @@ import torch
 from .errors import FormatError
 
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
-DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2", "U16", "U32", "U64"}
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "U16": torch.uint16,
+          "U32": torch.uint32, "U64": torch.uint64}  # the safetensors dtypes sdlora reads
 PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
 
 
 def check_safetensors(path: Path) -> dict:
     """Validate a safetensors file's framing and header; return the header (without metadata)."""
+    return read_header(path)[0]
+
+
+def read_header(path: Path) -> tuple[dict, dict[str, str]]:
+    """The validated header (tensor names, dtypes, shapes, offsets) and the metadata, without reading any tensor."""
+    path = _suffix_checked(path)
+    try:
+        with open(path, "rb") as f:
+            return _header(path, f, path.stat().st_size)
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read: {e.strerror}") from None
+
+
+def _suffix_checked(path: Path) -> Path:
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise FormatError(
             f"{path}: only .safetensors files are read; {path.suffix or 'this'} files may be pickled and can run "
             "code when loaded. Ask for the .safetensors version, or convert it with a trusted tool."
         )
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if head.startswith(PICKLE_MAGIC):
-                raise FormatError(
-                    f"{path}: this is a pickled PyTorch file renamed to .safetensors; it is refused because "
-                    "unpickling can run code. Get the real .safetensors version."
-                )
-            if size < 8 or len(head) < 8:
-                raise FormatError(f"{path}: not a safetensors file (only {size} bytes)")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER or n + 8 > size:
-                raise FormatError(f"{path}: corrupt or truncated safetensors file (header length {n}, file size {size})")
-            raw = f.read(n)
-    except OSError as e:
-        raise FormatError(f"{path}: cannot read: {e.strerror}") from None
+    return path
+
+
+def _header(path: Path, f, size: int) -> tuple[dict, dict[str, str]]:
+    head = f.read(9)
+    n = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else None
+    # A safetensors file is an 8-byte length and then a JSON object: its 9th byte is always '{'. Only a file that is
+    # not framed like that is judged by its first bytes (a valid header length such as 640 starts with the bytes of
+    # pickle's PROTO 2).
+    framed = n is not None and n + 8 <= size and head[8:9] == b"{"
+    if not framed and head.startswith(PICKLE_MAGIC):
+        raise FormatError(f"{path}: this is a pickled PyTorch file renamed to .safetensors; it is refused because "
+                          "unpickling can run code. Get the real .safetensors version.")
+    if n is None:
+        raise FormatError(f"{path}: not a safetensors file (only {size} bytes)")
+    if n > MAX_HEADER or n + 8 > size:
+        raise FormatError(f"{path}: corrupt or truncated safetensors file (header length {n}, file size {size})")
+    f.seek(8)
+    raw = f.read(n)
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -75,34 +94,43 @@ def check_safetensors(path: Path) -> dict:
     for (_s0, e0, k0), (s1, _e1, k1) in zip(spans, spans[1:], strict=False):
         if s1 < e0:
             raise FormatError(f"{path}: tensors {k0!r} and {k1!r} overlap; the file is corrupt")
-    return header
+    return header, dict(meta or {})
 
 
 def read_safetensors(path: Path, *, check_finite: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Load tensors and metadata after validating the file; refuse NaN or Inf values."""
-    from safetensors import SafetensorError, safe_open
+    tensors, meta, _ = read_safetensors_bytes(path, check_finite=check_finite)
+    return tensors, meta
 
-    path = Path(path)
-    check_safetensors(path)
+
+def read_safetensors_bytes(path: Path, *, check_finite: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str],
+                                                                              bytes]:
+    """As read_safetensors, plus the file's bytes: the file is read from disk once (header checked first, so a
+    huge or hostile file is refused before it is read), and hashes come from the same bytes as the tensors."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    path = _suffix_checked(path)
     try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        with open(path, "rb") as f:
+            _, meta = _header(path, f, path.stat().st_size)
+            f.seek(0)
+            blob = f.read()
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        tensors = load(blob)
     except (SafetensorError, RuntimeError, ValueError) as e:
         raise FormatError(f"{path}: cannot read tensors: {e}") from None
     if check_finite:
         for k, t in tensors.items():
             if t.is_floating_point() and not torch.isfinite(t).all():
                 raise FormatError(f"{path}: tensor {k!r} contains NaN or Inf values; the file is broken")
-    return tensors, dict(meta)
+    return tensors, meta, blob
 
 
 def read_metadata(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
-    check_safetensors(path)
-    with safe_open(str(path), "pt") as f:
-        return dict(f.metadata() or {})
+    return read_header(path)[1]
 
 
 _UMASK = os.umask(0o022)

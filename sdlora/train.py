@@ -93,7 +93,8 @@ def train(cfg: TrainConfig, *, progress: bool = False) -> TrainResult:
     targets = {"unet": lora.inject(base.unet, cfg.adapter, "unet")}
     trained_tes = list(range(len(base.text_encoders))) if cfg.adapter.train_text_encoder else []
     for i in trained_tes:
-        targets[COMPONENT_NAMES[i]] = lora.inject(base.text_encoders[i], cfg.adapter, "text_encoder")
+        exclude = lora.unreachable(base.text_encoders[i], base.family, COMPONENT_NAMES[i])
+        targets[COMPONENT_NAMES[i]] = lora.inject(base.text_encoders[i], cfg.adapter, "text_encoder", exclude)
     for m in [base.unet, *base.text_encoders]:
         m.to(device) if weight_dtype == torch.float32 else m.to(device, dtype=weight_dtype)
     base.vae.to(device)  # kept in fp32: fp16 VAEs overflow (notably SDXL's), and it only encodes
@@ -446,7 +447,7 @@ def _batch_loss(batch, base: Base, unet, text_encoders, noise_scheduler, cfg: Tr
         snr = compute_snr(noise_scheduler, timesteps)
         clipped = torch.clamp(snr, max=cfg.min_snr_gamma)
         loss = loss * (clipped / (snr + 1 if base.prediction_type == "v_prediction" else snr))
-    return loss.mean()
+    return (loss * batch["share"].to(loss.device)).sum()  # the batch mean, or this process's part of it
 
 
 def _noise_and_timesteps(latents: torch.Tensor, slots: list[int], cfg: TrainConfig, num_timesteps: int):
@@ -486,11 +487,21 @@ def _adapter_blob(cfg: TrainConfig, base: Base, trained_tes, targets, report, na
         tag_frequency=report.tag_frequency(), dataset_dirs=dirs, dataset_dir=Path(report.root).name,
         buckets=dict(report.buckets()), trigger=cfg.data.trigger, seed=cfg.seed, started=started,
         finished=time.time(), optimizer=cfg.optimizer, lr_scheduler=cfg.lr_scheduler,
-        min_snr_gamma=cfg.min_snr_gamma, noise_offset=cfg.noise_offset,
+        min_snr_gamma=cfg.min_snr_gamma, noise_offset=cfg.noise_offset, untrained=_untrained(base, trained_tes),
     )
     return adapter_bytes(_lora_states(base, trained_tes), family=base.family, rank=cfg.adapter.rank,
                          alpha=cfg.adapter.lora_alpha, targets=targets, layout=cfg.format,
                          precision=cfg.save_precision, metadata=meta, unet_config=base.unet.config)
+
+
+def _untrained(base: Base, trained_tes) -> dict[str, str]:
+    """The layers of trained text encoders left without LoRA because the loss never reaches them."""
+    out = {}
+    for i in trained_tes:
+        exclude = lora.unreachable(base.text_encoders[i], base.family, COMPONENT_NAMES[i])
+        if exclude:
+            out[COMPONENT_NAMES[i]] = f"{exclude} (SDXL reads the penultimate layer of this encoder)"
+    return out
 
 
 def _checkpoint(cfg, base, trained_tes, targets, report, name, step, epoch, started, optimizer, scheduler, rows,
@@ -528,8 +539,9 @@ def _write_samples(base: Base, cfg: TrainConfig, out: Path, name: str, step: int
         for k, prompt in enumerate(cfg.sample_prompt):
             g = torch.Generator(device="cpu").manual_seed(cfg.seed + k)
             with accelerator.autocast():
-                image = pipe(prompt, num_inference_steps=cfg.sample_steps, height=cfg.data.resolution,
-                             width=cfg.data.resolution, generator=g).images[0]
+                latents = pipe(prompt, num_inference_steps=cfg.sample_steps, height=cfg.data.resolution,
+                               width=cfg.data.resolution, generator=g, output_type="latent").images
+            image = _decode(pipe, latents)[0]
             path = out / "samples" / f"{name}-step{step:06d}-{k}.png"
             atomic_save_image(image, path)
             paths.append(path)
@@ -538,6 +550,22 @@ def _write_samples(base: Base, cfg: TrainConfig, out: Path, name: str, step: int
         for m, home in zip(encoders, homes, strict=True):
             m.to(home)
     return paths
+
+
+def _decode(pipe, latents: torch.Tensor) -> list:
+    """Latents to PIL images with the fp32 VAE outside autocast: under fp16 autocast the VAE would decode in fp16,
+    where SDXL's overflows (black or NaN previews)."""
+    vae = pipe.vae
+    with torch.autocast(latents.device.type, enabled=False):
+        z = latents.to(vae.device, torch.float32)
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if mean is not None and std is not None:  # as the SDXL pipeline decodes for VAEs that declare them
+            shape = (1, -1, 1, 1)
+            z = z * torch.tensor(std).view(shape).to(z) / vae.config.scaling_factor + torch.tensor(mean).view(shape).to(z)
+        else:
+            z = z / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
+        pixels = vae.decode(z).sample
+    return pipe.image_processor.postprocess(pixels.float(), output_type="pil")
 
 
 def _write_sidecars(adapter: Path, cfg: TrainConfig, base: Base, samples: list[Path]) -> None:

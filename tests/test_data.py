@@ -205,8 +205,28 @@ def test_epoch_plan_shards_a_global_batch_across_processes(tmp_path):
         g = one.global_batches(epoch)
         assert [[s.slot for s in b] for b in g] == [[s.slot for s in b] for b in two.global_batches(epoch)]
         r0, r1 = two.local_batches(epoch, 0), two.local_batches(epoch, 1)
-        assert [a + b for a, b in zip(r0, r1, strict=True)] == g  # nothing duplicated, nothing lost
+        assert [[s.slot for s in a + b] for a, b in zip(r0, r1, strict=True)] == [[s.slot for s in b] for b in g]
+        assert {s.share for b in r0 + r1 for s in b} == {1.0}  # 2 processes x 1/2 of a batch of 2
     assert {s.slot for b in one.global_batches(0) for s in b} == set(range(8))
+    assert {s.share for b in one.local_batches(0, 0) for s in b} == {0.5}  # one process: the batch mean
+
+
+@pytest.mark.parametrize("samples, processes, batch", [(3, 2, 2), (5, 2, 2), (1, 2, 1), (2, 3, 1), (7, 3, 2)])
+def test_a_ragged_last_batch_counts_each_sample_once_as_one_process_would(tmp_path, samples, processes, batch):
+    """Each step's loss, summed over processes with DDP's averaging (x 1/N), is the mean over the global batch:
+    every sample weighs 1/n, none is repeated, and a process left without a sample weighs nothing."""
+    report = scan(make_dataset(tmp_path / "d", n=samples, folder=""))
+    plan = EpochPlan(report.items, batch_size=batch, num_processes=processes, seed=1)
+    single = EpochPlan(report.items, batch_size=batch * processes, num_processes=1, seed=1)
+    assert plan.batches_per_epoch == single.batches_per_epoch
+    parts = [plan.local_batches(0, r) for r in range(processes)]
+    for i, g in enumerate(single.global_batches(0)):
+        weights = {}
+        for r in range(processes):
+            assert parts[r][i], "every process takes part in every step"
+            for s in parts[r][i]:
+                weights[s.slot] = weights.get(s.slot, 0.0) + s.share / processes
+        assert {k: v for k, v in weights.items() if v} == pytest.approx({s.slot: 1 / len(g) for s in g})
 
 
 def test_dataset_is_deterministic_per_slot(tmp_path):

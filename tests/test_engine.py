@@ -144,9 +144,45 @@ def test_weight_change_reloads_nothing_and_a_changed_file_is_reread(engine, libr
     ("<lora:alpha:0.2:0.9>, a cat, <lora:beta>", "a cat", [BlendItem("alpha", unet=0.9, te=0.2), BlendItem("beta", 1.0)]),
     ("a <lora:x y:-1> dog", "a dog", [BlendItem("x y", -1.0)]),
     ("plain", "plain", []),
+    # A1111's named arguments; the UNet weight defaults to the text encoder's
+    ("<lora:alpha:te=0.5:unet=1> a cat", "a cat", [BlendItem("alpha", unet=1.0, te=0.5)]),
+    ("a cat <lora:alpha:unet=0.3>", "a cat", [BlendItem("alpha", unet=0.3, te=1.0)]),
+    ("a cat <lora:alpha:te=0.4>", "a cat", [BlendItem("alpha", 0.4)]),
+    ("a cat <lora:alpha:0.2:unet=0.9>", "a cat", [BlendItem("alpha", unet=0.9, te=0.2)]),
 ])
 def test_prompt_tags(prompt, text, items):
     assert parse_prompt(prompt) == (text, items)
+
+
+def test_prompt_tags_dyn_is_taken_out_with_a_warning_and_bad_tags_are_refused(caplog):
+    with caplog.at_level("WARNING", logger="sdlora"):
+        assert parse_prompt("a cat <lora:alpha:0.7:dyn=8>") == ("a cat", [BlendItem("alpha", 0.7)])
+        assert parse_prompt("a cat <lora:alpha:0.7:0.6:8>") == ("a cat", [BlendItem("alpha", unet=0.6, te=0.7)])
+    assert caplog.text.count("is not supported") == 2
+    for bad, why in (("<lora:alpha:strong>", "must be numbers"), ("<lora:alpha:bogus=1>", "unknown argument bogus"),
+                     ("<lora::1>", "write <lora:NAME:WEIGHT>"), ("<lora:a:1:1:1:1>", "write <lora:NAME:WEIGHT>")):
+        with pytest.raises(ConfigError, match=why):
+            parse_prompt(f"a cat {bad}")
+
+
+def test_prompt_tag_parsing_is_linear():
+    """A hostile prompt (a recipe read from an uploaded PNG) must not stall the server: the old pattern took
+    quadratic time on long digit runs."""
+    import time
+
+    hostile = "<lora:a:" + "1" * 50_000 + "x " + "<lora:" * 5_000
+    started = time.perf_counter()
+    assert parse_prompt(hostile)[1] == []
+    assert time.perf_counter() - started < 2.0  # linear: milliseconds; the old pattern took minutes here
+
+
+def test_tags_count_toward_the_blend_limit(engine):
+    engine.max_loras = 1
+    try:
+        with pytest.raises(ConfigError, match="2 LoRAs in one blend"):
+            engine.generate(Params(**{**PARAMS, "prompt": "a red circle <lora:beta:0.5>"}), [BlendItem("alpha", 0.5)])
+    finally:
+        engine.max_loras = None
 
 
 def test_prompt_tags_drive_the_blend_and_are_removed(engine):
@@ -170,7 +206,7 @@ def test_out_of_range_and_unknown_and_foreign_loras_are_refused(engine):
             engine.generate(Params(**{**PARAMS, **bad}))
 
 
-def test_recipe_round_trip(engine, tmp_path):
+def test_recipe_round_trip(engine, library, tmp_path):
     result = engine.generate(Params(**{**PARAMS, "negative_prompt": "blurry, dark", "scheduler": "DPM++ 2M Karras",
                                        "seed": 1234}), [BlendItem("alpha", 0.6), BlendItem("beta", 0.3, te=0.1)])
     path = save_png(result.images[0], tmp_path / "x.png", result.infotexts[0])
@@ -179,7 +215,9 @@ def test_recipe_round_trip(engine, tmp_path):
     assert p["negative_prompt"] == "blurry, dark" and p["Seed"] == "1234" and p["Steps"] == "3"
     assert p["Sampler"] == "DPM++ 2M Karras" and p["CFG scale"] == "5" and p["Size"] == "64x64"
     hashes = dict(h.split(": ") for h in p["Lora hashes"].split(", "))
-    assert hashes == {"alpha": engine.library.entries["alpha"].short_hash, "beta": engine.library.entries["beta"].short_hash}
+    from sdlora.convert import info
+
+    assert hashes == {n: info(library / f"{n}.safetensors")["short_hash"] for n in ("alpha", "beta")}
     with pytest.raises(FormatError):
         parse_parameters("just a prompt")
     plain = a1111_parameters("a cat", "", 20, "Euler a", 7.0, 5, 512, 512, "m", {})
@@ -294,3 +332,62 @@ def test_live_adapters_are_bounded(engine, monkeypatch):
     reads = engine.file_reads
     assert np.array_equal(image(engine, [BlendItem("alpha", 0.9)]), first)  # reloaded from memory, same image
     assert engine.file_reads == reads
+
+
+def test_listing_reads_headers_only_and_applying_reads_each_file_once(library, monkeypatch):
+    """The library lists from headers; a LoRA's tensors and its hash come from one read, when it is first used."""
+    import sdlora.lorafile as lorafile
+
+    reads = []
+    full_read = lorafile.read_safetensors_bytes
+    monkeypatch.setattr(lorafile, "read_safetensors_bytes", lambda p, **kw: reads.append(p) or full_read(p, **kw))
+    e = Engine("tiny-sd", library)
+    assert reads == [] and {"alpha", "beta", "xl"} <= set(e.library.entries)
+    assert e.library.entries["beta"].rank == 4 and e.library.entries["xl"].family == "sdxl"
+    for mode in ("exact", "fast", "exact"):
+        r = e.generate(Params(**PARAMS), [BlendItem("alpha", 0.5), BlendItem("beta", 0.5)], mode)
+    assert sorted(p.name for p in reads) == ["alpha.safetensors", "beta.safetensors"]
+    assert e.short_hash("alpha") in r.infotexts[0]
+    e.library.rescan()  # nothing changed: no file is read again, not even its header's tensors
+    assert len(reads) == 2
+
+
+def test_changed_and_removed_files_are_let_go(tmp_path):
+    import os
+    import shutil
+
+    from test_formats import write_adapter
+
+    write_adapter(tmp_path, "tiny-sd", "kohya", True, seed=1, stem="one")
+    write_adapter(tmp_path, "tiny-sd", "kohya", True, seed=2, stem="two")
+    e = Engine("tiny-sd", tmp_path)
+    e.apply([BlendItem("one"), BlendItem("two")], "fast")
+    assert len(e._files) == 2
+    shutil.copy(tmp_path / "two.safetensors", tmp_path / "one.safetensors")  # a new version of "one"
+    st = (tmp_path / "one.safetensors").stat()
+    os.utime(tmp_path / "one.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    e.library.rescan()
+    e.apply([BlendItem("one")], "fast")
+    assert len(e._files) == 2 and sum(k[0].endswith("one.safetensors") for k in e._files) == 1
+    (tmp_path / "two.safetensors").unlink()
+    e.rescan()
+    assert [k[0] for k in e._files] == [str((tmp_path / "one.safetensors").resolve())]
+    assert "two" not in e.library.entries
+    (tmp_path / "one.safetensors").unlink()
+    with pytest.raises(ConfigError, match="is gone"):
+        e.apply([BlendItem("one", 0.5)], "fast")
+
+
+def test_fast_mode_computes_on_the_weights_device_and_clear_lets_the_backups_go(engine, monkeypatch):
+    import sdlora.lorafile as lorafile
+
+    devices = []
+    delta = lorafile.FileModule.delta
+    monkeypatch.setattr(lorafile.FileModule, "delta",
+                        lambda self, shape, device=None: devices.append(device) or delta(self, shape, device))
+    engine.apply([BlendItem("alpha", 0.8), BlendItem("beta", -0.4)], "fast")
+    weight_devices = {p.device for p in engine.base.unet.parameters()}
+    assert devices and set(devices) == weight_devices  # never None: the arithmetic runs where the weights live
+    assert engine._backup and all(b.device.type == "cpu" for b in engine._backup.values())
+    engine.clear()
+    assert engine._backup == {}

@@ -56,6 +56,10 @@ def test_attn_mlp_is_exactly_kohyas_module_set(family, unet_count, te_count):
         if comp in models:
             te |= {kohya_module(comp, p, family) for p in lora.targeted_modules(models[comp], "attn-mlp", "text_encoder")}
     assert (len(names), len(te)) == (unet_count, te_count)
+    # What sdlora trains: the same, less the layers the loss never reaches (SDXL's text encoder 1 last layer, 6 modules).
+    trained = sum(len(lora.targeted_modules(models[c], "attn-mlp", "text_encoder", lora.unreachable(models[c], family, c)))
+                  for c in COMPONENTS if c in models)
+    assert trained == te_count - (6 if family == "sdxl" else 0)
     if family == "sdxl":  # kohya writes SGM names for the SDXL UNet, te1/te2 for the two encoders
         assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q" in names
         assert "lora_unet_middle_block_1_transformer_blocks_9_ff_net_2" in names

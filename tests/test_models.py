@@ -28,7 +28,12 @@ def test_diffusers_folder_round_trip_and_family_detection(tmp_path):
     assert loaded.family == "sd1" and loaded.prediction_type == "epsilon"
     ref = base.unet.state_dict()
     assert all(torch.equal(ref[k], v) for k, v in loaded.unet.state_dict().items())
-    # An SD 2.x folder: 1024-wide cross-attention and a v-prediction scheduler.
+    # A v-prediction model says so in its scheduler config; training and sampling both follow it.
+    sched_path = tmp_path / "sd" / "scheduler" / "scheduler_config.json"
+    sched_path.write_text(json.dumps({**json.loads(sched_path.read_text()), "prediction_type": "v_prediction"}))
+    v = load_base(str(tmp_path / "sd"))
+    assert v.prediction_type == "v_prediction" == v.noise_scheduler().config.prediction_type
+    # An SD 2.x folder: 1024-wide cross-attention.
     cfg_path = tmp_path / "sd" / "unet" / "config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["cross_attention_dim"] = 1024
@@ -121,3 +126,36 @@ def test_loading_a_built_in_base_leaves_torchs_generator_alone(name):
     before = torch.random.get_rng_state()
     load_base(name)
     assert torch.equal(torch.random.get_rng_state(), before)
+
+
+def test_prediction_type_override_reaches_every_scheduler():
+    """--prediction-type changes the training target and the samplers of previews and the studio alike."""
+    from sdlora.engine import Engine
+    from sdlora.schedulers import SCHEDULERS, make_scheduler
+
+    base = load_base("tiny-sd", prediction_type="v_prediction")
+    assert base.prediction_type == "v_prediction"
+    assert base.scheduler.config.prediction_type == "v_prediction"
+    assert base.noise_scheduler().config.prediction_type == "v_prediction"
+    assert base.pipeline().scheduler.config.prediction_type == "v_prediction"
+    for name in SCHEDULERS:
+        assert make_scheduler(name, Engine(base).base.scheduler.config).config.prediction_type == "v_prediction", name
+    assert load_base("tiny-sd").scheduler.config.prediction_type == "epsilon"
+
+
+@pytest.mark.parametrize("tensors, expected", [
+    ({"v_pred": torch.zeros(1)}, "v_prediction"),
+    ({"probe": torch.randn(320, generator=torch.Generator().manual_seed(0)) * 0.3}, "v_prediction"),
+    ({"probe": torch.randn(320, generator=torch.Generator().manual_seed(0)) * 0.02}, "epsilon"),
+    ({"model.diffusion_model.out.2.bias": torch.zeros(4)}, None),
+])
+def test_sd2_single_files_say_whether_they_are_v_prediction(tmp_path, tensors, expected):
+    from safetensors.torch import save_file
+
+    from sdlora.models import SD2_V_PROBE, sd2_prediction_type
+
+    tensors = {SD2_V_PROBE if k == "probe" else k: v for k, v in tensors.items()}
+    save_file(tensors, str(tmp_path / "m.safetensors"))
+    kind, how = sd2_prediction_type(tmp_path / "m.safetensors")
+    assert kind == expected
+    assert how  # always says how it was decided, or why it could not be

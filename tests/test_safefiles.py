@@ -31,3 +31,26 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path, monkeypatch):
         atomic_write_bytes(target, b"new")
     assert target.read_bytes() == b"precious"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors"]
+
+
+@pytest.mark.parametrize("length", [0x280, 0x380, 0x480, 0x580])  # first bytes 80 02 .. 80 05: pickle's PROTO opcodes
+def test_a_valid_file_whose_header_length_looks_like_a_pickle_is_read(tmp_path, length):
+    import struct
+
+    import torch
+    from safetensors.torch import save
+
+    from sdlora.safefiles import read_safetensors
+
+    tensors = {"x": torch.arange(4, dtype=torch.float32)}
+    for pad in range(length):  # safetensors pads the header to 8 bytes; find the metadata that makes it `length`
+        blob = save(tensors, metadata={"note": "p" * pad})
+        if struct.unpack("<Q", blob[:8])[0] == length:
+            break
+    else:
+        pytest.fail(f"no header of length {length}")
+    assert blob[:2] == bytes([0x80, length >> 8])
+    path = tmp_path / "a.safetensors"
+    path.write_bytes(blob)
+    got, meta = read_safetensors(path)
+    assert torch.equal(got["x"], tensors["x"]) and meta["note"] == "p" * pad

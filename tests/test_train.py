@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 
 from sdlora import lora
@@ -37,7 +38,8 @@ def expected_kohya_modules(base_name, preset, with_te):
     if with_te:
         for i, te in enumerate(base.text_encoders):
             comp = "text_encoder" if i == 0 else "text_encoder_2"
-            names |= {kohya_module(comp, p, base.family) for p in lora.targeted_modules(te, preset, "text_encoder")}
+            skip = lora.unreachable(te, base.family, comp)
+            names |= {kohya_module(comp, p, base.family) for p in lora.targeted_modules(te, preset, "text_encoder", skip)}
     return names
 
 
@@ -219,9 +221,17 @@ def test_unknown_flag_and_existing_adapter(tmp_path, dataset, capsys):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(tmp_path, dataset):
-    common = ["train", "--data", str(dataset), "--resolution", "64", "--steps", "4", "--lr", "1e-2", "--rank", "4",
-              "--save-precision", "fp32", "--name", "m"]
+@pytest.mark.parametrize("case", ["sd-ragged", "sdxl-text-encoders"])
+def test_two_processes_match_one(tmp_path, case):
+    """sd-ragged: 3 images in global batches of 2, so every epoch ends in a batch of one sample (which must not
+    count twice). sdxl-text-encoders: SDXL with LoRA on both text encoders (DDP refuses a LoRA without gradient)."""
+    if case == "sd-ragged":
+        data, extra = make_dataset(tmp_path / "data", n=3, folder=""), ["--steps", "4"]
+    else:
+        data = make_dataset(tmp_path / "data")
+        extra = ["--base", "tiny-sdxl", "--train-text-encoder", "--steps", "3"]
+    common = ["train", "--data", str(data), "--resolution", "64", "--lr", "1e-2", "--rank", "4",
+              "--save-precision", "fp32", "--name", "m", *extra]
     assert main(["-q", *common, "--batch-size", "2", "--output-dir", str(tmp_path / "one")]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -293,3 +303,30 @@ def test_latent_cache_key_sees_deep_vae_changes_and_the_scaling_factor():
     assert second != first
     vae.register_to_config(scaling_factor=vae.config.scaling_factor * 2)
     assert _vae_fingerprint(vae) not in (first, second)
+
+
+def test_samples_decode_in_fp32_outside_autocast(tmp_path, monkeypatch):
+    """Under fp16 autocast on CUDA the VAE would decode in fp16, where SDXL's overflows (black previews)."""
+    from sdlora import train as training
+
+    base = load_base("tiny-sdxl")
+    seen = []
+    decode = base.vae.decode
+
+    def spy(z, *args, **kwargs):
+        seen.append((z.dtype, torch.is_autocast_enabled("cpu")))
+        return decode(z, *args, **kwargs)
+
+    monkeypatch.setattr(base.vae, "decode", spy)
+
+    class Accelerator:  # what mixed precision looks like to the sampler, on the CPU
+        is_main_process, device = True, torch.device("cpu")
+
+        def autocast(self):
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    cfg = TrainConfig(sample_prompt=["sks, a circle"], sample_steps=2, data=DataConfig(resolution=64))
+    paths = training._write_samples(base, cfg, tmp_path, "n", 1, Accelerator())
+    assert seen == [(torch.float32, False)]
+    with Image.open(paths[0]) as img:
+        assert img.size == (64, 64) and np.asarray(img).std() > 0

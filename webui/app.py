@@ -9,6 +9,7 @@ metadata is shown as plain text.
 from __future__ import annotations
 
 import functools
+import logging
 from pathlib import Path
 
 from sdlora.config import StudioConfig
@@ -18,8 +19,11 @@ from sdlora.grid import AXIS_KINDS, Axis, xy_grid
 from sdlora.recipe import next_output_path, read_png_parameters, save_png
 from sdlora.schedulers import SCHEDULERS
 
-MAX_SLOTS = 6
+log = logging.getLogger("sdlora")
+
+MAX_SLOTS = 6  # LoRAs per blend, ticked or named in <lora:...> tags
 QUEUE_SIZE = 16
+CACHE_CLEAN = (3600, 3600)  # Gradio's cache (inside the outputs folder): every hour, delete files older than an hour
 DEFAULTS = Params(prompt="")
 
 
@@ -35,17 +39,25 @@ def build_app(engine: Engine, output_dir: Path):
     import gradio as gr
 
     output_dir = Path(output_dir).resolve()
+    engine.max_loras = MAX_SLOTS
     usable = [n for n, e in engine.library.entries.items() if e.compatible]
     native = engine.native_size  # the size the base was trained at: 512 for SD 1.x, 1024 for SDXL, 32 for toy
 
     def friendly(fn):
-        """Library errors become a Gradio error message (shown as text), not a traceback."""
+        """Errors become one Gradio message shown as text: sdlora's own as they are, anything else as an unexpected
+        error with its type (the traceback goes to the server's log, not to the browser)."""
         @functools.wraps(fn)  # keeps the signature Gradio inspects (gr.Progress)
         def wrapper(*args, **kwargs):
             try:
                 return fn(*args, **kwargs)
+            except gr.Error:
+                raise
             except SdloraError as e:
                 raise gr.Error(str(e), print_exception=False) from None
+            except Exception as e:
+                log.exception("unexpected error in the web UI")
+                raise gr.Error(f"unexpected error ({type(e).__name__}); nothing was saved. The server log has the "
+                               "details.", print_exception=False) from None
         return wrapper
 
     def slots_for(selected):
@@ -129,7 +141,7 @@ def build_app(engine: Engine, output_dir: Path):
             return prompt
         return f"{word}, {prompt}" if prompt else word
 
-    with gr.Blocks(title="sdlora blend studio") as app:
+    with gr.Blocks(title="sdlora blend studio", delete_cache=CACHE_CLEAN) as app:
         gr.Markdown("## sdlora blend studio")
         with gr.Row():
             with gr.Column(scale=2):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,7 @@ class Slot:
     item: int  # index into the item list
     slot: int  # unique id of this use of the item across the whole run
     epoch: int
+    share: float = 1.0  # the weight of this sample's loss in its step (see EpochPlan.local_batches)
 
 
 class EpochPlan:
@@ -53,18 +54,22 @@ class EpochPlan:
         batches = []
         for bucket in sorted(by_bucket):
             slots = by_bucket[bucket]
-            for start in range(0, len(slots), size):
-                batch = slots[start : start + size]
-                if self.num_processes > 1 and len(batch) < size:
-                    # Every process needs a full share; repeat this bucket's slots to fill it.
-                    batch = (batch * size)[:size]
-                batches.append(batch)
+            batches += [slots[start : start + size] for start in range(0, len(slots), size)]
         rng.shuffle(batches)
         return batches
 
     def local_batches(self, epoch: int, rank: int) -> list[list[Slot]]:
-        bs = self.batch_size
-        return [b[rank * bs : (rank + 1) * bs] for b in self.global_batches(epoch)]
+        """This process's part of each global batch. A global batch of n samples is split as evenly as the
+        processes allow, and each sample's share of the loss is N/n: DDP averages the N gradients, so every step
+        is the mean over exactly the n samples one process would see, a ragged last batch included (no sample
+        counts twice). A process left with no sample runs one at share 0, so it still takes part in the step."""
+        out = []
+        n_proc = self.num_processes
+        for batch in self.global_batches(epoch):
+            n = len(batch)
+            mine = [replace(s, share=n_proc / n) for s in batch[rank * n // n_proc : (rank + 1) * n // n_proc]]
+            out.append(mine or [replace(batch[0], share=0.0)])
+        return out
 
     @property
     def batches_per_epoch(self) -> int:
@@ -109,7 +114,7 @@ class TrainDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, slot: Slot) -> dict:
         item = self.items[slot.item]
-        out: dict = {"slot": slot.slot, "original_size": (item.size[1], item.size[0]),
+        out: dict = {"slot": slot.slot, "share": slot.share, "original_size": (item.size[1], item.size[0]),
                      "target_size": (item.bucket.height, item.bucket.width)}
         if self.latents is not None:
             out["latents"] = self.latents[slot.item]
@@ -130,7 +135,8 @@ def _center_crop(item: Item) -> tuple[int, int]:
 
 
 def collate(samples: list[dict]) -> dict:
-    out: dict = {"slot": torch.tensor([s["slot"] for s in samples]), "caption": [s["caption"] for s in samples]}
+    out: dict = {"slot": torch.tensor([s["slot"] for s in samples]), "caption": [s["caption"] for s in samples],
+                 "share": torch.tensor([s["share"] for s in samples], dtype=torch.float32)}
     for key in ("original_size", "crop_top_left", "target_size"):
         out[key] = torch.tensor([s[key] for s in samples], dtype=torch.float32)
     for key in ("pixels", "latents"):
