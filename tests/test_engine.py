@@ -391,3 +391,21 @@ def test_fast_mode_computes_on_the_weights_device_and_clear_lets_the_backups_go(
     assert engine._backup and all(b.device.type == "cpu" for b in engine._backup.values())
     engine.clear()
     assert engine._backup == {}
+
+
+def test_recipes_are_parsed_in_linear_time_and_huge_ones_refused():
+    import time
+
+    from sdlora.recipe import MAX_PARAMETERS
+
+    settings = 'Steps: 3, Sampler: Euler, Lora hashes: "a: 1, b: 2", Note: "esc \\" aped", Seed: 9'
+    p = parse_parameters("a cat\n" + settings)
+    assert p["Lora hashes"] == "a: 1, b: 2" and p["Seed"] == "9" and p["Note"] == 'esc \\" aped'
+    # Shapes that made the old key/value pattern backtrack: long runs of words without a colon, unclosed quotes.
+    for tail in ("a a" * 20_000, 'Key: "' + "x" * 60_000, "k" * 60_000 + ":"):
+        text = ("x\nSteps: 3, " + tail)[:MAX_PARAMETERS]
+        started = time.perf_counter()
+        assert parse_parameters(text)["Steps"] == "3"
+        assert time.perf_counter() - started < 1.0  # one pass: milliseconds (the old pattern: minutes)
+    with pytest.raises(FormatError, match="at most 65,536"):
+        parse_parameters("x\nSteps: 3, " + "a" * MAX_PARAMETERS)

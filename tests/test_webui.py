@@ -1,6 +1,7 @@
 """The web UI for real: `sdlora webui` on 127.0.0.1, driven by Chromium, and attacked through its routes."""
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -14,11 +15,13 @@ import pytest
 from sdlora.cli import main
 from sdlora.recipe import read_png_parameters
 
-from conftest import make_dataset
+from conftest import draw_shape, make_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = "/usr/bin/chromium"
+HTML_NAME = "<b>bold<img src=x onerror=window.__pwned=1>"
+HTML_TRIGGER = "<u>und</u><img src=y onerror=window.__pwned=2>"
 
 
 def free_port() -> int:
@@ -35,10 +38,14 @@ def server(tmp_path_factory):
     for name, lr in (("inkstyle", "1e-2"), ("watercolor", "5e-3")):
         assert main(["-q", "train", "--data", str(data), "--resolution", "64", "--steps", "2", "--lr", lr,
                      "--output-dir", str(loras), "--name", name, "--trigger", name]) == 0
+    # A LoRA whose trigger word is HTML, and a preview captioned with an HTML name: all must show as text.
+    assert main(["-q", "train", "--data", str(data), "--resolution", "64", "--steps", "1", "--output-dir", str(loras),
+                 "--name", "marked", "--trigger", HTML_TRIGGER]) == 0
     secret = root / "secret.txt"
     secret.write_text("TOP-SECRET-TOKEN")
     (loras / "evil.safetensors").symlink_to(secret)
-    (loras / "<b>bold<img src=x onerror=alert(1)>.safetensors").write_bytes((loras / "inkstyle.safetensors").read_bytes())
+    (loras / f"{HTML_NAME}.safetensors").write_bytes((loras / "inkstyle.safetensors").read_bytes())
+    draw_shape((32, 32)).save(loras / f"{HTML_NAME}.preview.png")
     out = root / "outputs"
     port = free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
@@ -102,9 +109,15 @@ def test_select_weight_generate_in_a_browser(server):
         page.wait_for_selector("#gallery img", timeout=120_000)
         page.wait_for_function("document.querySelector('#info textarea').value.includes('Seed: 5')", timeout=60_000)
         info = page.locator("#info textarea").input_value()
-        # The LoRA named like HTML is shown as text: no element was made from it.
-        assert page.locator("img[src='x']").count() == 0 and page.locator("b", has_text="bold").count() == 0
-        assert page.get_by_text("<b>bold<img src=x onerror=alert(1)>").count() >= 1
+        # Names, trigger words and preview captions that look like HTML are shown as text: no element was made
+        # from them and no script ran, on the rendered page itself.
+        assert page.locator("img[src='x'], img[src='y']").count() == 0
+        assert page.locator("b", has_text="bold").count() == 0 and page.locator("u", has_text="und").count() == 0
+        assert page.evaluate("window.__pwned === undefined")
+        for where in ("#cards", "#selected", "#previews"):
+            assert page.locator(where).get_by_text(HTML_NAME, exact=False).count() >= 1, where
+        for where in ("#cards", "#triggers"):
+            assert page.locator(where).get_by_text(HTML_TRIGGER, exact=False).count() >= 1, where
         page.screenshot(path=str(ARTIFACTS / "webui.png"), full_page=True)
         browser.close()
     assert "<lora:inkstyle:0.6:0.8>" in info and "<lora:watercolor:1.2:0.4>" in info
@@ -146,35 +159,44 @@ def test_no_file_outside_the_outputs_can_be_read(server):
 
 
 def test_the_api_takes_names_not_paths_and_checks_values(server):
+    """Values Gradio's own checks let through (its allowlists and slider bounds refuse the rest first), so each
+    refusal here is sdlora's server-side check: LoRAs named in prompt tags, sizes off the 8-pixel grid, weights and
+    numbers beyond range, and too many LoRAs."""
     from gradio_client import Client
 
     client = Client(server["url"], verbose=False)
     written = set(server["out"].glob("*.png"))
     base = ["a", "", 1, 3, 7.0, 64, 64, 1, 1, "Euler a"]
-    choice = "not in the list of choices"  # Gradio's own allowlist check, before any code of ours runs
-    cases = [
-        (["../secret"], {}, {}, (choice, "unknown LoRA")),
-        ([str(server["secret"])], {}, {}, (choice, "unknown LoRA")),
-        (["evil"], {}, {}, (choice, "unknown LoRA")),
-        ([], {3: 1000}, {}, ("greater than maximum", "steps must be")),
-        ([], {5: 65}, {}, ("multiples of 8",)),
-        ([], {9: "Rocket"}, {}, (choice, "unknown scheduler")),
-        (["inkstyle"], {}, {1: 9.0}, ("greater than maximum", "outside")),
-        (["inkstyle"], {}, {2: -7.0}, ("less than minimum", "outside")),
+    secret = server["secret"]
+    too_many = " ".join(f"<lora:l{i}>" for i in range(7))
+    cases = [  # (prompt, value overrides by position, sdlora's message)
+        (f"a <lora:../{secret.name}:1>", {}, "unknown LoRA '../secret.txt'"),
+        (f"a <lora:{secret}:1>", {}, "unknown LoRA"),
+        ("a <lora:evil:1>", {}, "unknown LoRA 'evil'"),  # the link out of the folder is not in the library
+        ("a <lora:inkstyle:9>", {}, "outside [-2, 2]"),
+        ("a <lora:inkstyle:te=-7>", {}, "outside [-2, 2]"),
+        (f"a {too_many}", {}, "7 LoRAs in one blend (prompt tags included); at most 6"),
+        ("a", {5: 65}, "multiples of 8"),
+        ("a", {2: 2**40}, "seed must be"),
     ]
-    for names, value_overrides, weight_overrides, reasons in cases:
-        values = [value_overrides.get(i, v) for i, v in enumerate(base)]
-        weights = [weight_overrides.get(i, v) for i, v in enumerate(["", 1.0, 1.0] * 6)]
-        with pytest.raises(Exception) as e:
-            client.predict(names, "exact", *values, *weights, api_name="/generate")
-        assert any(r in str(e.value) for r in reasons), (reasons, str(e.value))
+    for prompt, overrides, reason in cases:
+        values = [overrides.get(i, v) for i, v in enumerate([prompt, *base[1:]])]
+        with pytest.raises(Exception, match=re.escape(reason)):
+            client.predict([], "exact", *values, *["", 1.0, 1.0] * 6, api_name="/generate")
+    slots = ["", 1.0, 1.0] * 6
+    for y_kind, y_values, reason in (("steps", "1000", "steps must be between 1 and 150"),
+                                     ("cfg", "99", "CFG scale must be between 0 and 30"),
+                                     ("seed", ", ".join("1" * 9), "an axis takes 1 to 8 values"),
+                                     ("seed", "one, two", "axis values must be numbers")):
+        with pytest.raises(Exception, match=re.escape(reason)):
+            client.predict([], "fast", "inkstyle", "0, 1", y_kind, None, y_values, "a", "", 3, 2, 5.0, 64, 64,
+                           "Euler", *slots, api_name="/grid")
     assert set(server["out"].glob("*.png")) == written  # a refused request writes nothing
 
 
-def test_metadata_is_text_and_symlinks_out_are_not_listed(server):
+def test_symlinks_out_of_the_folder_are_not_listed(server):
     page = httpx.get(server["url"] + "/config", timeout=10).text
-    assert "evil" not in page.replace("evil.safetensors", "")  # the link out is not in the library
-    assert "bold<img src=x onerror=alert(1)>" in page  # listed as a plain string in the config
+    assert "inkstyle" in page and "evil" not in page.replace("evil.safetensors", "")
 
 
 def test_wider_address_needs_an_explicit_flag(capsys, tmp_path):
@@ -209,3 +231,66 @@ def test_grid_and_png_info_through_the_api(server):
         save_png(img.copy(), bad, "a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64xbig, Model: m")
     with pytest.raises(Exception, match="malformed Size, Seed, Steps or CFG scale"):
         client.predict(handle_file(str(bad)), api_name="/load_png")
+
+
+def test_one_generation_at_a_time_behind_a_queue_of_16(tmp_path):
+    """What the README promises: generations run one at a time, and at most 16 more wait; the rest are refused
+    at once. The studio runs over an engine whose generate blocks until released (tests/blocking_studio.py), so
+    the queue fills for sure. Requests go to Gradio's queue endpoint: one HTTP call each, answered with an event
+    id or a refusal."""
+    from webui.app import QUEUE_SIZE
+
+    port = free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "blocking_studio.py"), str(port), str(tmp_path)],
+                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    events = tmp_path / "events.txt"
+
+    def count(kind):
+        return events.read_text().split().count(kind) if events.exists() else 0
+
+    def wait_for(check, seconds=120):
+        deadline = time.time() + seconds
+        while not check() and time.time() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"the studio exited: {proc.stdout.read()}")
+            time.sleep(0.1)
+        return check()
+
+    try:
+        url = f"http://127.0.0.1:{port}"
+        assert wait_for(lambda: _up(url)), "the studio did not start"
+        config = httpx.get(url + "/config", timeout=10).json()
+        fn_index = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "generate")
+        data = [[], "exact", "a", "", 1, 3, 7.0, 64, 64, 1, 1, "Euler a", *["", 1.0, 1.0] * 6]
+        answers = []
+        with httpx.Client(base_url=url, timeout=30) as http:
+            for k in range(QUEUE_SIZE + 4):
+                r = http.post("/gradio_api/queue/join", json={"data": data, "fn_index": fn_index,
+                                                               "session_hash": f"s{k}", "event_data": None})
+                answers.append("queued" if r.status_code == 200 else f"{r.status_code} {r.json().get('detail')}")
+                if k == 0:  # the first one starts; every later one finds it running
+                    assert wait_for(lambda: count("start") == 1)
+        assert answers[: 1 + QUEUE_SIZE] == ["queued"] * (1 + QUEUE_SIZE)
+        assert all(a.startswith("503 Queue is full") for a in answers[1 + QUEUE_SIZE:]), answers
+        time.sleep(1)
+        assert count("start") == 1  # the other 16 wait
+        (tmp_path / "release").touch()
+        assert wait_for(lambda: count("end") == 1 + QUEUE_SIZE)
+        lines = events.read_text().split()
+        assert lines == ["start", "end"] * (1 + QUEUE_SIZE)  # all that queued ran, never two at once
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+
+
+def _up(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False

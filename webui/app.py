@@ -172,7 +172,7 @@ def build_app(engine: Engine, output_dir: Path):
                     from PIL import Image
 
                     gr.Gallery(value=[(Image.open(p).convert("RGB"), n) for p, n in previews], label="Previews",
-                               columns=3, height="auto")
+                               elem_id="previews", columns=3, height="auto")
                 triggers = [[w] for e in engine.library.entries.values() if e.compatible for w in e.triggers]
                 if triggers:
                     trig = gr.Dataset(components=[gr.Textbox(visible=False)], samples=triggers,
