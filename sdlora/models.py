@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .errors import ModelError
+from .vocab import byte_vocab
 
 log = logging.getLogger("sdlora")
 
@@ -82,7 +83,7 @@ def load_base(spec: str, *, prediction_type: str | None = None, seed: int = 0, c
     if spec == "toy":
         from .toy.base import load_toy
 
-        base = load_toy()
+        base = Base("toy", "sd1", "epsilon", *load_toy())
     elif spec in BUILTINS:
         base = build_tiny(spec, seed=seed)
     else:
@@ -120,34 +121,19 @@ def _looks_like_hub_id(spec: str) -> bool:
 # ---------------------------------------------------------------- built-in tiny models
 
 
-def _byte_vocab() -> dict[str, int]:
-    """A character-level CLIP BPE vocabulary: every byte, with and without the end-of-word mark."""
-    chars = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = chars[:], 0
-    for b in range(256):
-        if b not in chars:
-            cs.append(256 + n)
-            n += 1
-    symbols = [chr(c) for c in cs]
-    vocab = {}
-    for s in symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]:
-        vocab[s] = len(vocab)
-    return vocab
-
-
 def tiny_tokenizer():
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer(vocab=_byte_vocab(), merges=[], model_max_length=77)
+    return CLIPTokenizer(vocab=byte_vocab(), merges=[], model_max_length=77)
 
 
 def _clip_config(hidden: int, projection: int = 32):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
-        vocab_size=len(_byte_vocab()), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=2,
+        vocab_size=len(byte_vocab()), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=77, projection_dim=projection, hidden_act="quick_gelu",
-        bos_token_id=len(_byte_vocab()) - 2, eos_token_id=len(_byte_vocab()) - 1, pad_token_id=len(_byte_vocab()) - 1,
+        bos_token_id=len(byte_vocab()) - 2, eos_token_id=len(byte_vocab()) - 1, pad_token_id=len(byte_vocab()) - 1,
     )
 
 

@@ -7,13 +7,26 @@ from sdlora.demo import DemoConfig, run_demo
 from sdlora.toy.base import WEIGHTS, info
 
 
-def test_shipped_base_is_small_and_recorded():
+def test_shipped_base_draws_what_it_is_asked_and_its_vae_reconstructs():
+    """Measured now, not read from the record: the shipped weights, through today's code, must still draw the right
+    colour and shape for the 36 check prompts and reconstruct every kind of toy content closely."""
+    import random
+
+    from sdlora.models import load_base
+    from sdlora.toy.pretrain import check, vae_errors
+
     size = sum(p.stat().st_size for p in WEIGHTS.glob("*.safetensors"))
     assert size <= 20 * 1024 * 1024
+    base = load_base("toy")
+    quality = check(base)
+    assert quality["check_images"] == 36
+    assert quality["color_accuracy"] >= 0.9 and quality["shape_accuracy"] >= 0.8, quality
+    errors = vae_errors(base.vae, random.Random(0))
+    # Mean error in 0..255 units on the scenes the demo draws (recorded at pretraining: 3.8 to 6.6; random
+    # textures, there only to teach the VAE variety, reconstruct worse).
+    assert max(errors[f"vae_error_{k}"] for k in ("plain", "rim", "stripes")) < 8, errors
     record = info()
-    assert record["check"]["color_accuracy"] >= 0.9 and record["check"]["shape_accuracy"] >= 0.8
     assert record["command"].startswith("python -m sdlora.toy.pretrain") and record["machine"]
-    assert max(record["vae"][f"vae_error_{k}"] for k in ("plain", "rim", "stripes")) < 8
 
 
 def test_short_demo_moves_every_effect_the_right_way(tmp_path):

@@ -58,10 +58,19 @@ def json_keys_ok(meta):
     return True
 
 
-def render(base_name, lora_path=None, prompt="sks, a red circle"):
-    base = load_base(base_name)
+def render(base_name, lora_path=None, prompt="sks, a red circle", fused=False):
+    """An image from the base training used (--seed 42 builds the tiny base): bare, with the LoRA loaded by
+    diffusers' own loader, or (fused) with ΔW = (alpha/rank)·up·down added to the weights by hand."""
+    base = load_base(base_name, seed=42)
     pipe = base.pipeline()
-    if lora_path:
+    if lora_path and fused:
+        from sdlora.lorafile import fit, read_lora
+
+        with torch.no_grad():
+            for t in fit(read_lora(lora_path), base.modules(), base.family).targets:
+                up, down = t.module.tensors["up"].float(), t.module.tensors["down"].float()
+                t.layer.weight += (up.flatten(1) @ down.flatten(1)).reshape(t.layer.weight.shape) * t.module.scale
+    elif lora_path:
         pipe.load_lora_weights(str(lora_path), adapter_name="t")
     g = torch.Generator().manual_seed(0)
     return pipe(prompt, num_inference_steps=2, height=64, width=64, generator=g, output_type="np").images[0]
@@ -93,8 +102,9 @@ def test_cli_trains_an_adapter_every_tool_can_load(tmp_path, dataset, base_name,
     assert meta["ss_base_model_version"] == ("sdxl_base_v1-0" if base_name == "tiny-sdxl" else "sd_v1")
     assert meta["modelspec.trigger_phrase"] == "sks" and "sshs_model_hash" in meta
     assert "/" not in meta["sdlora_dataset"] and str(tmp_path) not in "".join(meta.values())
-    before, after = render(base_name), render(base_name, path)
-    assert np.abs(before - after).max() > 1e-3
+    before, after, fused = render(base_name), render(base_name, path), render(base_name, path, fused=True)
+    assert np.abs(before - after).max() > 1e-2  # the LoRA changes the image
+    assert np.abs(after - fused).max() < 1e-3  # and diffusers applies exactly the update the file describes
     assert (out / "logs" / "loss.csv").read_text().count("\n") == 4
     assert (out / "loss.png").stat().st_size > 0
     sidecar = __import__("json").loads((out / "data.json").read_text())
@@ -330,3 +340,49 @@ def test_samples_decode_in_fp32_outside_autocast(tmp_path, monkeypatch):
     assert seen == [(torch.float32, False)]
     with Image.open(paths[0]) as img:
         assert img.size == (64, 64) and np.asarray(img).std() > 0
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("gamma", [0.0, 5.0])
+def test_loss_matches_a_direct_computation(monkeypatch, prediction_type, gamma):
+    """The training loss against the formulas written out here: x_t = sqrt(ᾱ)x0 + sqrt(1-ᾱ)ε; target ε, or
+    v = sqrt(ᾱ)ε - sqrt(1-ᾱ)x0; min-SNR weight min(SNR, γ)/SNR (ε) or min(SNR, γ)/(SNR+1) (v), SNR = ᾱ/(1-ᾱ).
+    Timesteps 10, 500 and 990 put the SNR above and below γ, so the clipping is exercised."""
+    from sdlora import train as training
+
+    base = load_base("tiny-sd", prediction_type=prediction_type)
+    cfg = TrainConfig(min_snr_gamma=gamma, prediction_type=prediction_type)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t = torch.tensor([10, 500, 990])
+    monkeypatch.setattr(training, "_noise_and_timesteps", lambda latents, slots, cfg, n: (noise, t))
+    captions = ["a red circle", "a blue square", "sks"]
+    batch = {"slot": torch.arange(3), "latents": x0, "caption": captions, "share": torch.full((3,), 1 / 3)}
+    sched = base.noise_scheduler()
+    with torch.no_grad():
+        got = training._batch_loss(batch, base, base.unet, base.text_encoders, sched, cfg, torch.device("cpu"),
+                                   torch.float32, None, False)
+        acp = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+        ids = base.tokenizers[0](captions, padding="max_length", max_length=77, truncation=True,
+                                 return_tensors="pt").input_ids
+        pred = base.unet(acp.sqrt() * x0 + (1 - acp).sqrt() * noise, t, base.text_encoders[0](ids)[0]).sample
+    target = noise if prediction_type == "epsilon" else acp.sqrt() * noise - (1 - acp).sqrt() * x0
+    per_sample = ((pred - target) ** 2).mean(dim=(1, 2, 3))
+    snr = (acp / (1 - acp)).flatten()
+    if gamma:
+        assert (snr > gamma).any() and (snr < gamma).any()
+        per_sample = per_sample * torch.clamp(snr, max=gamma) / (snr if prediction_type == "epsilon" else snr + 1)
+    assert torch.allclose(got, per_sample.mean(), rtol=1e-5), (got, per_sample.mean())
+
+
+def test_noise_offset_adds_one_constant_per_channel():
+    """Offset noise (Guttenberg 2023): on top of the per-pixel noise, one random constant per channel and image."""
+    from sdlora.train import _noise_and_timesteps
+
+    latents = torch.zeros(2, 4, 8, 8)
+    plain, t0 = _noise_and_timesteps(latents, [3, 4], TrainConfig(), 1000)
+    offset, t1 = _noise_and_timesteps(latents, [3, 4], TrainConfig(noise_offset=0.1), 1000)
+    shift = offset - plain
+    per_channel = shift[:, :, :1, :1]
+    assert torch.allclose(shift, per_channel.expand_as(shift), atol=1e-6)  # constant over each channel
+    assert 0.005 < per_channel.abs().mean() < 0.3 and len(set(per_channel.flatten().tolist())) == 8

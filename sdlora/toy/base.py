@@ -42,9 +42,9 @@ def tokenizer_files() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """A CLIP BPE vocabulary in which every toy word is one token (characters remain for anything else).
     Merges needed by a word are appended after all earlier ones, so they never fire inside an earlier word
     (whose own next merge always ranks higher)."""
-    from ..models import _byte_vocab
+    from ..vocab import byte_vocab
 
-    vocab = _byte_vocab()
+    vocab = byte_vocab()
     merges: list[tuple[str, str]] = []
     ranks: dict[tuple[str, str], int] = {}
     for word in WORDS:
@@ -84,11 +84,10 @@ def build_components(seed: int = 0):
 
 
 def load_toy():
-    """The shipped pretrained toy base as an sdlora Base."""
+    """The shipped pretrained toy base: (unet, vae, [text encoder], [tokenizer], scheduler), as a Base takes them."""
     import torch
 
     from ..errors import ModelError
-    from ..models import Base
     from ..safefiles import read_safetensors
 
     missing = [n for n in ("vae", "text_encoder", "unet") if not (WEIGHTS / f"{n}.safetensors").is_file()]
@@ -103,7 +102,7 @@ def load_toy():
         module.eval()
         if name == "vae":
             vae.register_to_config(scaling_factor=float(meta["scaling_factor"]))
-    return Base("toy", "sd1", "epsilon", unet, vae, [te], [tok], sched)
+    return unet, vae, [te], [tok], sched
 
 
 def info() -> dict:

@@ -162,18 +162,16 @@ def check_prompts() -> list[tuple[str, str, str, int]]:
 
 @torch.no_grad()
 def check(base, steps: int = 25, cfg: float = 5.0) -> dict:
+    """Draw every check prompt (one pipeline call) and read colour and shape back with the analyser."""
     from ..engine import Engine, Params
 
-    engine = Engine(base)
-    hits_c = hits_s = 0
     rows = check_prompts()
-    for colour, shape, bg, seed in rows:
-        img = engine.generate(Params(prompt=f"a {colour} {shape} on a {bg} background", seed=seed, steps=steps,
-                                     cfg_scale=cfg, width=32, height=32, scheduler="Euler")).images[0]
-        r = analyse(img)
-        hits_c += r.colour == colour
-        hits_s += r.shape == shape
-    return {"check_images": len(rows), "color_accuracy": hits_c / len(rows), "shape_accuracy": hits_s / len(rows)}
+    images = Engine(base).render([f"a {colour} {shape} on a {bg} background" for colour, shape, bg, _ in rows],
+                                 [seed for *_, seed in rows], Params(prompt="", steps=steps, cfg_scale=cfg, width=32,
+                                                                     height=32, scheduler="Euler"), mode="fast")
+    readings = [(analyse(img), colour, shape) for img, (colour, shape, _, _) in zip(images, rows, strict=True)]
+    return {"check_images": len(rows), "color_accuracy": sum(r.colour == c for r, c, _ in readings) / len(rows),
+            "shape_accuracy": sum(r.shape == s for r, _, s in readings) / len(rows)}
 
 
 def save(vae, te, unet, out: Path, record: dict) -> None:
