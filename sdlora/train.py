@@ -1,38 +1,45 @@
 """The training loop: scan the data, load and freeze the base, add LoRA, then noise → predict → loss → step.
 
-Read top to bottom: `train()` is the story; caching, SDXL conditioning, sampling, saving and
-resuming are named helpers below it. Randomness per image use comes from `dataset.seeded`, so
+Read top to bottom: `train()` is the story; set-up, caching, SDXL conditioning and resuming are named helpers
+below it, and what a run writes (adapters, state, samples, sidecars) is in `run.py`. Randomness per image use comes from `dataset.seeded`, so
 a resumed or multi-process run sees exactly the noise and timesteps a single uninterrupted run sees.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from . import lora
-from .adapters import adapter_bytes, write_adapter
+from .adapters import write_adapter
 from .config import TrainConfig
 from .data import scan_folder
 from .data.dataset import EpochPlan, Slot, TrainDataset, collate, latent_cache_key, seeded, to_training_image
 from .errors import ConfigError, MissingDependencyError
 from .logs import plot_loss, read_csv, write_csv
-from .metadata import training_metadata
 from .models import Base, load_base
-from .safefiles import atomic_save_image, atomic_write_bytes, read_safetensors, write_safetensors
-from .state import latest_state, load_state, save_state, state_path
+from .run import (
+    COMPONENT_NAMES,
+    Run,
+    adapter_blob,
+    checkpoint,
+    flat_config,
+    save_run_state,
+    write_samples,
+    write_sidecars,
+)
+from .safefiles import read_safetensors, write_safetensors
+from .state import latest_state, load_state
 
 log = logging.getLogger("sdlora")
-COMPONENT_NAMES = ("text_encoder", "text_encoder_2")
 
 
 @dataclass
@@ -56,173 +63,186 @@ class TrainResult:
 
 
 def train(cfg: TrainConfig, *, progress: bool = False) -> TrainResult:
-    started = time.time()
-    accelerator = _accelerator(cfg)
-    main = accelerator.is_main_process
+    run = _start(cfg)  # the data scanned and the output checked, before any model is loaded
+    resume_from = _resume_path(cfg, run.out, run.name)
+    if run.final_path.exists() and not cfg.overwrite:
+        raise ConfigError(f"{run.final_path} already exists; pass another --name or --output-dir, or --overwrite to "
+                          "replace it" if resume_from is None else f"{run.final_path} already exists and the resumed "
+                          "run would replace it; pass --overwrite to allow that, or copy it away first")
+    optimizer_cls = _optimizer_class(cfg.optimizer)
+    base_params, params = _load_and_inject(run)
+    dataset, plan, text_cache = _dataset_and_caches(run)
+    micro_per_epoch = plan.batches_per_epoch
+    total_steps = cfg.steps or math.ceil(cfg.epochs * micro_per_epoch / cfg.grad_accum)
+    unet, text_encoders, models = _optimizer_and_prepare(run, optimizer_cls, params, total_steps)
+    if resume_from is not None:
+        _resume(run, resume_from, total_steps)
+    if run.main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat_config(cfg).items()}
+        run.accelerator.init_trackers("tensorboard", config=hparams)
 
-    # 1. The data, checked before any model is loaded.
+    # The loop: noise -> predict -> loss -> step, over this process's share of each epoch's global batches.
+    from tqdm.auto import tqdm
+
+    accelerator, base = run.accelerator, run.base
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    noise_scheduler = base.noise_scheduler()
+    bar = tqdm(total=total_steps, initial=run.step, disable=not (progress and run.main), unit="step", dynamic_ncols=True)
+    micro = run.step * cfg.grad_accum
+    loop_started = time.time()
+    accum_losses: list[torch.Tensor] = []
+    for m in models:
+        m.train()
+    while run.step < total_steps:
+        run.epoch, pos = divmod(micro, micro_per_epoch)
+        batches = plan.local_batches(run.epoch, accelerator.process_index)[pos:]
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
+                                             num_workers=cfg.num_workers)
+        for batch in loader:
+            torch.manual_seed(seeded(cfg.seed, "step", micro, accelerator.process_index))  # LoRA dropout
+            with accelerator.accumulate(*models):
+                loss = _batch_loss(batch, base, unet, text_encoders, noise_scheduler, cfg, accelerator.device,
+                                   weight_dtype, text_cache, bool(run.trained_tes))
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                run.optimizer.step()
+                run.optimizer.zero_grad(set_to_none=True)
+            micro += 1
+            accum_losses.append(loss.detach())
+            if accelerator.sync_gradients:
+                _end_of_step(run, accum_losses, bar, total_steps)
+                if run.step >= total_steps:
+                    break
+    bar.close()
+    loop_seconds = time.time() - loop_started
+
+    # The final samples, adapter and logs.
+    if cfg.sample_prompt:
+        run.samples += write_samples(run)
+    blob = adapter_blob(run)
+    if run.main:
+        write_adapter(run.final_path, blob)
+        if cfg.save_every:  # the end is resumable too: `--resume latest --steps MORE` trains on from here
+            save_run_state(run)
+        write_sidecars(run)
+        write_csv(run.out / "logs" / "loss.csv", run.rows)
+        plot_loss(run.out / "loss.png", run.rows)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return TrainResult(run.final_path, run.name, run.step, loop_seconds, sum(p.numel() for p in params), base_params,
+                       len(blob), time.time() - run.started, [r[1] for r in run.rows], run.samples)
+
+
+def _end_of_step(run: Run, accum_losses: list[torch.Tensor], bar, total_steps: int) -> None:
+    """After an optimizer step: schedule, log the step's loss, and write samples and checkpoints when due."""
+    cfg, accelerator = run.cfg, run.accelerator
+    run.scheduler.step()
+    run.step += 1
+    loss = accelerator.reduce(torch.stack(accum_losses).mean(), "mean").item()
+    accum_losses.clear()
+    lr = run.scheduler.get_last_lr()[0]
+    run.rows.append((run.step, loss, lr))
+    if run.main:
+        accelerator.log({"loss": loss, "lr": lr}, step=run.step)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+    if run.step < total_steps:
+        if cfg.sample_prompt and cfg.sample_every and run.step % cfg.sample_every == 0:
+            run.samples += write_samples(run)
+        if cfg.save_every and run.step % cfg.save_every == 0:
+            checkpoint(run)
+
+
+# ---------------------------------------------------------------- set-up helpers
+
+
+def _start(cfg: TrainConfig) -> Run:
+    """The run's accelerator and its data, scanned and summarised before any model is loaded."""
+    accelerator = _accelerator(cfg)
     if cfg.data.data is None:
         raise ConfigError("no training data: pass --data FOLDER (or `data = \"...\"` in the config file)")
     report = scan_folder(cfg.data.data, resolution=cfg.data.resolution, bucket_step=cfg.data.bucket_step,
                          bucket=cfg.data.bucket, upscale=cfg.data.upscale, default_caption=cfg.data.default_caption,
                          trigger=cfg.data.trigger)
-    name = adapter_name(cfg)
-    out = Path(cfg.output_dir)
-    final_path = out / f"{name}.safetensors"
-    resume_from = _resume_path(cfg, out, name)
-    if final_path.exists() and not cfg.overwrite:
-        if resume_from is None:
-            raise ConfigError(f"{final_path} already exists; pass another --name or --output-dir, or --overwrite to "
-                              "replace it")
-        raise ConfigError(f"{final_path} already exists and the resumed run would replace it; pass --overwrite to "
-                          "allow that, or copy it away first")
-    if main:
+    run = Run(cfg, accelerator, report, adapter_name(cfg))
+    if run.main:
         for w in report.warnings:
             log.warning(w)
         log.info(report.summary(cfg.batch_size, accelerator.num_processes, cfg.grad_accum))
-    optimizer_cls = _optimizer_class(cfg.optimizer)
+    return run
 
-    # 2. The base, frozen; LoRA on the UNet and optionally the text encoders.
-    base = load_base(cfg.base, seed=cfg.seed, prediction_type=cfg.prediction_type or None, config=cfg.base_config or None)
+
+def _load_and_inject(run: Run) -> tuple[int, list[torch.nn.Parameter]]:
+    """The base, frozen, on the device; LoRA on the UNet and, when asked, the text encoders. Returns the base's
+    parameter count and the trainable LoRA parameters (kept in fp32 under mixed precision)."""
+    cfg, device = run.cfg, run.accelerator.device
+    base = run.base = load_base(cfg.base, seed=cfg.seed, prediction_type=cfg.prediction_type or None,
+                                config=cfg.base_config or None)
     torch.manual_seed(cfg.seed)  # after loading, so the LoRA's initial weights follow --seed whatever the base did
-    device = accelerator.device
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(run.accelerator.mixed_precision, torch.float32)
     base_params = sum(p.numel() for m in [base.unet, *base.text_encoders] for p in m.parameters())
     for m in base.modules().values():
         m.requires_grad_(False)
-    targets = {"unet": lora.inject(base.unet, cfg.adapter, "unet")}
-    trained_tes = list(range(len(base.text_encoders))) if cfg.adapter.train_text_encoder else []
-    for i in trained_tes:
+    run.targets = {"unet": lora.inject(base.unet, cfg.adapter, "unet")}
+    run.trained_tes = list(range(len(base.text_encoders))) if cfg.adapter.train_text_encoder else []
+    for i in run.trained_tes:
         exclude = lora.unreachable(base.text_encoders[i], base.family, COMPONENT_NAMES[i])
-        targets[COMPONENT_NAMES[i]] = lora.inject(base.text_encoders[i], cfg.adapter, "text_encoder", exclude)
+        run.targets[COMPONENT_NAMES[i]] = lora.inject(base.text_encoders[i], cfg.adapter, "text_encoder", exclude)
     for m in [base.unet, *base.text_encoders]:
         m.to(device) if weight_dtype == torch.float32 else m.to(device, dtype=weight_dtype)
     base.vae.to(device)  # kept in fp32: fp16 VAEs overflow (notably SDXL's), and it only encodes
-    unet_params = lora.lora_parameters(base.unet)
-    te_params = [p for i in trained_tes for p in lora.lora_parameters(base.text_encoders[i])]
-    for p in unet_params + te_params:
-        p.data = p.data.float()  # trainable LoRA weights stay fp32 under mixed precision
+    params = lora.lora_parameters(base.unet) + [p for i in run.trained_tes
+                                                for p in lora.lora_parameters(base.text_encoders[i])]
+    for p in params:
+        p.data = p.data.float()
     if cfg.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
-        for i in trained_tes:
+        for i in run.trained_tes:
             _checkpoint_text_encoder(base.text_encoders[i])
+    return base_params, params
 
-    # 3. Dataset, epoch plan and caches.
+
+def _dataset_and_caches(run: Run):
+    """The dataset, its epoch plan, and the latent and text caches where the settings allow them."""
+    cfg, base, report = run.cfg, run.base, run.report
     dataset = TrainDataset(report.items, cfg.data, cfg.seed)
-    plan = EpochPlan(report.items, cfg.batch_size, accelerator.num_processes, cfg.seed)
+    plan = EpochPlan(report.items, cfg.batch_size, run.accelerator.num_processes, cfg.seed)
     if cfg.cache_latents and not cfg.data.augments_images:
-        dataset.latents = _cache_latents(dataset, base, cfg, accelerator)
+        dataset.latents = _cache_latents(dataset, base, cfg, run.accelerator)
     text_cache = None
-    if cfg.cache_text and not trained_tes and not cfg.data.varies_captions:
+    if cfg.cache_text and not run.trained_tes and not cfg.data.varies_captions:
         captions = sorted({dataset.caption(Slot(i, 0, 0)) for i in range(len(report.items))})
         with torch.no_grad():
-            text_cache = {c: tuple(None if t is None else t[0] for t in _encode_text(base, base.text_encoders, [c], device))
+            text_cache = {c: tuple(None if t is None else t[0]
+                                   for t in _encode_text(base, base.text_encoders, [c], run.accelerator.device))
                           for c in captions}
     _release_encoders(base, dataset.latents is not None, text_cache is not None, bool(cfg.sample_prompt))
+    return dataset, plan, text_cache
 
-    # 4. Optimizer and schedule.
-    groups = [{"params": unet_params, "lr": cfg.lr}]
-    if te_params:
-        groups.append({"params": te_params, "lr": cfg.text_encoder_lr if cfg.text_encoder_lr is not None else cfg.lr})
+
+def _optimizer_and_prepare(run: Run, optimizer_cls, params, total_steps: int):
+    """Optimizer (the text encoders' LoRA with its own learning rate) and schedule; the trained models and the
+    optimizer handed to accelerate. Returns the UNet and text encoders to call, and the trained models."""
+    cfg, base = run.cfg, run.base
+    n_unet = len(lora.lora_parameters(base.unet))
+    groups = [{"params": params[:n_unet], "lr": cfg.lr}]
+    if params[n_unet:]:
+        groups.append({"params": params[n_unet:],
+                       "lr": cfg.text_encoder_lr if cfg.text_encoder_lr is not None else cfg.lr})
     optimizer = optimizer_cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    micro_per_epoch = plan.batches_per_epoch
-    total_steps = cfg.steps or math.ceil(cfg.epochs * micro_per_epoch / cfg.grad_accum)
     from diffusers.optimization import get_scheduler
 
-    scheduler = get_scheduler(cfg.lr_scheduler if cfg.lr_scheduler != "constant" or not cfg.warmup_steps
-                              else "constant_with_warmup", optimizer, num_warmup_steps=cfg.warmup_steps,
-                              num_training_steps=total_steps)
-    models = [base.unet] + [base.text_encoders[i] for i in trained_tes]
-    prepared = accelerator.prepare(*models, optimizer)
-    unet, optimizer = prepared[0], prepared[-1]
+    run.scheduler = get_scheduler(cfg.lr_scheduler if cfg.lr_scheduler != "constant" or not cfg.warmup_steps
+                                  else "constant_with_warmup", optimizer, num_warmup_steps=cfg.warmup_steps,
+                                  num_training_steps=total_steps)
+    models = [base.unet] + [base.text_encoders[i] for i in run.trained_tes]
+    *models, run.optimizer = run.accelerator.prepare(*models, optimizer)
     text_encoders = list(base.text_encoders)
-    for i, m in zip(trained_tes, prepared[1:-1], strict=True):
+    for i, m in zip(run.trained_tes, models[1:], strict=True):
         text_encoders[i] = m
-    noise_scheduler = base.noise_scheduler()
-
-    # 5. Resume.
-    step, rows = 0, []
-    if resume_from is not None:
-        step = _resume(resume_from, cfg, base, trained_tes, optimizer, scheduler)
-        if step >= total_steps:
-            raise ConfigError(f"{resume_from} is at step {step} and this run has {total_steps} steps, so there is "
-                              "nothing left to train; pass a larger --steps to train on")
-        rows = read_csv(out / "logs" / "loss.csv", step)
-        if main:
-            log.info(f"resumed from {resume_from} at step {step}")
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in _flat_config(cfg).items()}
-        accelerator.init_trackers("tensorboard", config=hparams)
-    trainable = sum(p.numel() for p in unet_params + te_params)
-
-    # 6. The loop.
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total_steps, initial=step, disable=not (progress and main), unit="step", dynamic_ncols=True)
-    micro = step * cfg.grad_accum
-    epoch = micro // micro_per_epoch
-    loop_started = time.time()
-    accum_losses: list[torch.Tensor] = []
-    samples: list[Path] = []
-    for m in models:
-        m.train()
-    while step < total_steps:
-        epoch, pos = divmod(micro, micro_per_epoch)
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=plan.local_batches(epoch, accelerator.process_index)[pos:],
-                                             collate_fn=collate, num_workers=cfg.num_workers)
-        for batch in loader:
-            torch.manual_seed(seeded(cfg.seed, "step", micro, accelerator.process_index))  # LoRA dropout
-            with accelerator.accumulate(*prepared[:-1]):
-                loss = _batch_loss(batch, base, unet, text_encoders, noise_scheduler, cfg, device, weight_dtype,
-                                   text_cache, bool(trained_tes))
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(unet_params + te_params, cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            micro += 1
-            accum_losses.append(loss.detach())
-            if not accelerator.sync_gradients:
-                continue
-            scheduler.step()
-            step += 1
-            step_loss = accelerator.reduce(torch.stack(accum_losses).mean(), "mean").item()
-            accum_losses.clear()
-            lr = scheduler.get_last_lr()[0]
-            rows.append((step, step_loss, lr))
-            if main:
-                accelerator.log({"loss": step_loss, "lr": lr}, step=step)
-                bar.update(1)
-                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
-            if cfg.sample_prompt and cfg.sample_every and step % cfg.sample_every == 0 and step < total_steps:
-                samples += _write_samples(base, cfg, out, name, step, accelerator)
-            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-                _checkpoint(cfg, base, trained_tes, targets, report, name, step, epoch, started, optimizer, scheduler,
-                            rows, accelerator)
-            if step >= total_steps:
-                break
-    bar.close()
-    loop_seconds = time.time() - loop_started
-
-    # 7. Final samples, adapter, logs.
-    if cfg.sample_prompt:
-        samples += _write_samples(base, cfg, out, name, step, accelerator)
-    blob = _adapter_blob(cfg, base, trained_tes, targets, report, name, step, epoch, started, samples)
-    if main:
-        write_adapter(final_path, blob)
-        if cfg.save_every:  # the end is resumable too: `--resume latest --steps MORE` trains on from here
-            _save_state(cfg, base, trained_tes, name, step, optimizer, scheduler)
-        _write_sidecars(final_path, cfg, base, samples)
-        write_csv(out / "logs" / "loss.csv", rows)
-        plot_loss(out / "loss.png", rows)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return TrainResult(final_path, name, step, loop_seconds, trainable, base_params, len(blob), time.time() - started,
-                       [r[1] for r in rows], samples)
-
-
-# ---------------------------------------------------------------- set-up helpers
+    return models[0], text_encoders, models
 
 
 def adapter_name(cfg: TrainConfig) -> str:
@@ -289,9 +309,11 @@ RESUME_KEYS = ("base", "data", "seed", "batch_size", "grad_accum", "rank", "alph
                "resolution", "lr", "lr_scheduler", "warmup_steps", "optimizer")
 
 
-def _resume(path: Path, cfg: TrainConfig, base: Base, trained_tes, optimizer, scheduler) -> int:
+def _resume(run: Run, path: Path, total_steps: int) -> None:
+    """LoRA weights, optimizer, schedule, step and loss log from a saved state, after checking that the settings
+    that shape the run have not changed."""
     state = load_state(path)
-    flat = _flat_config(cfg)
+    flat = flat_config(run.cfg)
     saved = state["extra"].get("config", {})
 
     def same(k):
@@ -303,20 +325,18 @@ def _resume(path: Path, cfg: TrainConfig, base: Base, trained_tes, optimizer, sc
     if changed:
         k = changed[0]
         raise ConfigError(f"cannot resume from {path}: {k} was {saved[k]!r} and is now {flat.get(k)!r}")
-    lora.set_lora_state(base.unet, state["lora"]["unet"])
-    for i in trained_tes:
-        lora.set_lora_state(base.text_encoders[i], state["lora"][COMPONENT_NAMES[i]])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    return state["step"]
-
-
-def _flat_config(cfg: TrainConfig) -> dict:
-    d = asdict(cfg)
-    flat = {k: v for k, v in d.items() if k not in ("data", "adapter")}
-    flat.update(d["data"])
-    flat.update(d["adapter"])
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in flat.items() if not isinstance(v, list) or v}
+    lora.set_lora_state(run.base.unet, state["lora"]["unet"])
+    for i in run.trained_tes:
+        lora.set_lora_state(run.base.text_encoders[i], state["lora"][COMPONENT_NAMES[i]])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.step = state["step"]
+    if run.step >= total_steps:
+        raise ConfigError(f"{path} is at step {run.step} and this run has {total_steps} steps, so there is "
+                          "nothing left to train; pass a larger --steps to train on")
+    run.rows = read_csv(run.out / "logs" / "loss.csv", run.step)
+    if run.main:
+        log.info(f"resumed from {path} at step {run.step}")
 
 
 def _checkpoint_text_encoder(te) -> None:
@@ -461,117 +481,3 @@ def _noise_and_timesteps(latents: torch.Tensor, slots: list[int], cfg: TrainConf
         noises.append(n)
         steps.append(torch.randint(0, num_timesteps, (1,), generator=g))
     return (torch.stack(noises).to(latents.device, latents.dtype), torch.cat(steps).to(latents.device))
-
-
-# ---------------------------------------------------------------- outputs
-
-
-def _lora_states(base: Base, trained_tes) -> dict[str, dict[str, torch.Tensor]]:
-    states = {"unet": lora.lora_state(base.unet)}
-    for i in trained_tes:
-        states[COMPONENT_NAMES[i]] = lora.lora_state(base.text_encoders[i])
-    return states
-
-
-def _adapter_blob(cfg: TrainConfig, base: Base, trained_tes, targets, report, name: str, step: int, epoch: int,
-                  started: float, samples: list[Path]) -> bytes:
-    dirs = {}
-    for item in report.items:
-        d = dirs.setdefault(item.folder, {"n_repeats": item.repeats, "img_count": 0})
-        d["img_count"] += 1
-    meta = training_metadata(
-        name=name, family=base.family, prediction_type=base.prediction_type, base_name=Path(cfg.base).name,
-        rank=cfg.adapter.rank, alpha=cfg.adapter.lora_alpha, preset=cfg.adapter.preset,
-        train_text_encoder=cfg.adapter.train_text_encoder, resolution=cfg.data.resolution, steps=step,
-        epoch=epoch + 1, lr=cfg.lr, text_encoder_lr=cfg.text_encoder_lr, num_images=len(report.items),
-        tag_frequency=report.tag_frequency(), dataset_dirs=dirs, dataset_dir=Path(report.root).name,
-        buckets=dict(report.buckets()), trigger=cfg.data.trigger, seed=cfg.seed, started=started,
-        finished=time.time(), optimizer=cfg.optimizer, lr_scheduler=cfg.lr_scheduler,
-        min_snr_gamma=cfg.min_snr_gamma, noise_offset=cfg.noise_offset, untrained=_untrained(base, trained_tes),
-    )
-    return adapter_bytes(_lora_states(base, trained_tes), family=base.family, rank=cfg.adapter.rank,
-                         alpha=cfg.adapter.lora_alpha, targets=targets, layout=cfg.format,
-                         precision=cfg.save_precision, metadata=meta, unet_config=base.unet.config)
-
-
-def _untrained(base: Base, trained_tes) -> dict[str, str]:
-    """The layers of trained text encoders left without LoRA because the loss never reaches them."""
-    out = {}
-    for i in trained_tes:
-        exclude = lora.unreachable(base.text_encoders[i], base.family, COMPONENT_NAMES[i])
-        if exclude:
-            out[COMPONENT_NAMES[i]] = f"{exclude} (SDXL reads the penultimate layer of this encoder)"
-    return out
-
-
-def _checkpoint(cfg, base, trained_tes, targets, report, name, step, epoch, started, optimizer, scheduler, rows,
-                accelerator) -> None:
-    """An intermediate adapter `NAME-stepNNNNNN.safetensors` plus the state `--resume` continues from."""
-    blob = _adapter_blob(cfg, base, trained_tes, targets, report, name, step, epoch, started, [])
-    if accelerator.is_main_process:
-        out = Path(cfg.output_dir)
-        write_adapter(out / f"{name}-step{step:06d}.safetensors", blob)
-        _save_state(cfg, base, trained_tes, name, step, optimizer, scheduler)
-        write_csv(out / "logs" / "loss.csv", rows)
-    accelerator.wait_for_everyone()
-
-
-def _save_state(cfg, base, trained_tes, name, step, optimizer, scheduler) -> None:
-    """The resumable state at this step (the config goes with it, so a resume can refuse changed settings)."""
-    save_state(state_path(Path(cfg.output_dir), name, step), step=step, lora=_lora_states(base, trained_tes),
-               optimizer=optimizer, scheduler=scheduler, extra={"config": _flat_config(cfg)})
-
-
-@torch.no_grad()
-def _write_samples(base: Base, cfg: TrainConfig, out: Path, name: str, step: int, accelerator) -> list[Path]:
-    if not accelerator.is_main_process:
-        return []
-    device = accelerator.device
-    encoders = [base.vae, *base.text_encoders]
-    homes = [next(m.parameters()).device for m in encoders]  # where _release_encoders left them
-    for m in encoders:
-        m.to(device)
-    pipe = base.pipeline()
-    was_training = base.unet.training
-    base.unet.eval()
-    paths = []
-    try:
-        for k, prompt in enumerate(cfg.sample_prompt):
-            g = torch.Generator(device="cpu").manual_seed(cfg.seed + k)
-            with accelerator.autocast():
-                latents = pipe(prompt, num_inference_steps=cfg.sample_steps, height=cfg.data.resolution,
-                               width=cfg.data.resolution, generator=g, output_type="latent").images
-            image = _decode(pipe, latents)[0]
-            path = out / "samples" / f"{name}-step{step:06d}-{k}.png"
-            atomic_save_image(image, path)
-            paths.append(path)
-    finally:
-        base.unet.train(was_training)
-        for m, home in zip(encoders, homes, strict=True):
-            m.to(home)
-    return paths
-
-
-def _decode(pipe, latents: torch.Tensor) -> list:
-    """Latents to PIL images with the fp32 VAE outside autocast: under fp16 autocast the VAE would decode in fp16,
-    where SDXL's overflows (black or NaN previews)."""
-    vae = pipe.vae
-    with torch.autocast(latents.device.type, enabled=False):
-        z = latents.to(vae.device, torch.float32)
-        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-        if mean is not None and std is not None:  # as the SDXL pipeline decodes for VAEs that declare them
-            shape = (1, -1, 1, 1)
-            z = z * torch.tensor(std).view(shape).to(z) / vae.config.scaling_factor + torch.tensor(mean).view(shape).to(z)
-        else:
-            z = z / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
-        pixels = vae.decode(z).sample
-    return pipe.image_processor.postprocess(pixels.float(), output_type="pil")
-
-
-def _write_sidecars(adapter: Path, cfg: TrainConfig, base: Base, samples: list[Path]) -> None:
-    """A1111's `NAME.json` (activation text, preferred weight, sd version) and `NAME.preview.png`."""
-    info = {"description": f"Trained with sdlora on {Path(cfg.base).name}", "sd version": base.family.upper(),
-            "activation text": cfg.data.trigger, "preferred weight": 1.0, "negative text": "", "notes": ""}
-    atomic_write_bytes(adapter.with_suffix(".json"), json.dumps(info, indent=2).encode())
-    if samples:
-        atomic_write_bytes(adapter.with_name(adapter.stem + ".preview.png"), samples[-1].read_bytes())

@@ -317,7 +317,7 @@ def test_latent_cache_key_sees_deep_vae_changes_and_the_scaling_factor():
 
 def test_samples_decode_in_fp32_outside_autocast(tmp_path, monkeypatch):
     """Under fp16 autocast on CUDA the VAE would decode in fp16, where SDXL's overflows (black previews)."""
-    from sdlora import train as training
+    from sdlora.run import Run, write_samples
 
     base = load_base("tiny-sdxl")
     seen = []
@@ -335,8 +335,9 @@ def test_samples_decode_in_fp32_outside_autocast(tmp_path, monkeypatch):
         def autocast(self):
             return torch.autocast("cpu", dtype=torch.bfloat16)
 
-    cfg = TrainConfig(sample_prompt=["sks, a circle"], sample_steps=2, data=DataConfig(resolution=64))
-    paths = training._write_samples(base, cfg, tmp_path, "n", 1, Accelerator())
+    cfg = TrainConfig(sample_prompt=["sks, a circle"], sample_steps=2, data=DataConfig(resolution=64),
+                      output_dir=tmp_path)
+    paths = write_samples(Run(cfg, Accelerator(), None, "n", base=base, step=1))
     assert seen == [(torch.float32, False)]
     with Image.open(paths[0]) as img:
         assert img.size == (64, 64) and np.asarray(img).std() > 0

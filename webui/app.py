@@ -12,6 +12,8 @@ import functools
 import logging
 from pathlib import Path
 
+import gradio as gr
+
 from sdlora.config import StudioConfig
 from sdlora.engine import MODES, WEIGHT_RANGE, BlendItem, Engine, Params, parse_prompt
 from sdlora.errors import SdloraError
@@ -35,92 +37,94 @@ def _cards(engine: Engine) -> list[list]:
     return rows
 
 
-def build_app(engine: Engine, output_dir: Path):
-    import gradio as gr
+def friendly(fn):
+    """Errors become one Gradio message shown as text: sdlora's own as they are, anything else as an unexpected
+    error with its type (the traceback goes to the server's log, not to the browser)."""
+    @functools.wraps(fn)  # keeps the signature Gradio inspects (gr.Progress)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except SdloraError as e:
+            raise gr.Error(str(e), print_exception=False) from None
+        except Exception as e:
+            log.exception("unexpected error in the web UI")
+            raise gr.Error(f"unexpected error ({type(e).__name__}); nothing was saved. The server log has the "
+                           "details.", print_exception=False) from None
+    return wrapper
 
-    output_dir = Path(output_dir).resolve()
-    engine.max_loras = MAX_SLOTS
-    usable = [n for n, e in engine.library.entries.items() if e.compatible]
-    native = engine.native_size  # the size the base was trained at: 512 for SD 1.x, 1024 for SDXL, 32 for toy
 
-    def friendly(fn):
-        """Errors become one Gradio message shown as text: sdlora's own as they are, anything else as an unexpected
-        error with its type (the traceback goes to the server's log, not to the browser)."""
-        @functools.wraps(fn)  # keeps the signature Gradio inspects (gr.Progress)
-        def wrapper(*args, **kwargs):
-            try:
-                return fn(*args, **kwargs)
-            except gr.Error:
-                raise
-            except SdloraError as e:
-                raise gr.Error(str(e), print_exception=False) from None
-            except Exception as e:
-                log.exception("unexpected error in the web UI")
-                raise gr.Error(f"unexpected error ({type(e).__name__}); nothing was saved. The server log has the "
-                               "details.", print_exception=False) from None
-        return wrapper
+class Studio:
+    """What the UI's buttons do, over one engine: plain methods, so `build_app` only lays out and wires."""
 
-    def slots_for(selected):
-        selected = [n for n in (selected or []) if n in engine.library.entries][:MAX_SLOTS]
+    def __init__(self, engine: Engine, output_dir: Path):
+        self.engine, self.output_dir = engine, Path(output_dir).resolve()
+        engine.max_loras = MAX_SLOTS
+        self.usable = [n for n, e in engine.library.entries.items() if e.compatible]
+        self.native = engine.native_size  # the base's own size: 512 for SD 1.x, 1024 for SDXL, 32 for toy
+
+    def slots_for(self, selected):
+        """Show one weight row per ticked LoRA, at its preferred weight."""
+        entries = self.engine.library.entries
+        selected = [n for n in (selected or []) if n in entries][:MAX_SLOTS]
         updates = []
         for i in range(MAX_SLOTS):
             if i < len(selected):
-                w = engine.library.entries[selected[i]].preferred_weight
+                w = entries[selected[i]].preferred_weight
                 updates += [gr.update(visible=True), gr.update(value=selected[i]), gr.update(value=w), gr.update(value=w)]
             else:
                 updates += [gr.update(visible=False), gr.update(value=""), gr.update(), gr.update()]
         return updates
 
-    def collect_blend(selected, slot_values):
-        blend = []
-        names = [n for n in (selected or [])][:MAX_SLOTS]
-        for i, name in enumerate(names):
-            unet_w, te_w = slot_values[3 * i + 1], slot_values[3 * i + 2]
-            blend.append(BlendItem(str(name), unet=float(unet_w), te=float(te_w)))
-        return blend
+    @staticmethod
+    def _blend(selected, slot_values) -> list[BlendItem]:
+        return [BlendItem(str(name), unet=float(slot_values[3 * i + 1]), te=float(slot_values[3 * i + 2]))
+                for i, name in enumerate(list(selected or [])[:MAX_SLOTS])]
 
-    def make_params(prompt, negative, seed, steps, cfg, width, height, batch_size, batch_count, scheduler):
+    @staticmethod
+    def _params(prompt, negative, seed, steps, cfg, width, height, batch_size, batch_count, scheduler) -> Params:
         return Params(prompt=str(prompt or ""), negative_prompt=str(negative or ""), seed=int(seed), steps=int(steps),
                       cfg_scale=float(cfg), width=int(width), height=int(height), batch_size=int(batch_size),
                       batch_count=int(batch_count), scheduler=str(scheduler))
 
     @friendly
-    def generate(selected, mode, prompt, negative, seed, steps, cfg, width, height, batch_size, batch_count, scheduler,
-                 *slot_values, progress=gr.Progress()):  # noqa: B008 - Gradio's way to ask for progress
-        params = make_params(prompt, negative, seed, steps, cfg, width, height, batch_size, batch_count, scheduler)
-        blend = collect_blend(selected, slot_values)
+    def generate(self, selected, mode, prompt, negative, seed, steps, cfg, width, height, batch_size, batch_count,
+                 scheduler, *slot_values, progress=gr.Progress()):  # noqa: B008 - Gradio's way to ask for progress
+        params = self._params(prompt, negative, seed, steps, cfg, width, height, batch_size, batch_count, scheduler)
         progress(0, desc="generating")
-        result = engine.generate(params, blend, str(mode), progress=lambda f: progress(f, desc="generating"))
-        paths = []
-        for image, s, text in zip(result.images, result.seeds, result.infotexts, strict=True):
-            paths.append(str(save_png(image, next_output_path(output_dir, s), text)))
+        result = self.engine.generate(params, self._blend(selected, slot_values), str(mode),
+                                      progress=lambda f: progress(f, desc="generating"))
+        paths = [str(save_png(image, next_output_path(self.output_dir, s), text))
+                 for image, s, text in zip(result.images, result.seeds, result.infotexts, strict=True)]
         return paths, result.infotexts[0], f"seed used: {result.seeds[0]}"
 
     @friendly
-    def grid(selected, mode, x_lora, x_values, y_kind, y_lora, y_values, prompt, negative, seed, steps, cfg, width,
-             height, scheduler, *slot_values):
-        params = make_params(prompt, negative, seed, steps, cfg, width, height, 1, 1, scheduler)
-        blend = collect_blend(selected, slot_values)
+    def grid(self, selected, mode, x_lora, x_values, y_kind, y_lora, y_values, prompt, negative, seed, steps, cfg,
+             width, height, scheduler, *slot_values):
+        params = self._params(prompt, negative, seed, steps, cfg, width, height, 1, 1, scheduler)
         x = Axis("lora", _floats(x_values), lora=str(x_lora or ""))
         y = Axis(str(y_kind), _floats(y_values), lora=str(y_lora or ""))
         for axis in (x, y):
             if axis.kind == "lora":
-                engine.library.get(axis.lora)
-        image, texts = xy_grid(engine, params, blend, x, y, str(mode))
-        path = next_output_path(output_dir, params.seed if params.seed != -1 else 0)
-        save_png(image, path.with_name(path.stem + "-grid.png"), texts[0])
-        return str(path.with_name(path.stem + "-grid.png"))
+                self.engine.library.get(axis.lora)
+        image, texts = xy_grid(self.engine, params, self._blend(selected, slot_values), x, y, str(mode))
+        path = next_output_path(self.output_dir, params.seed if params.seed != -1 else 0)
+        path = path.with_name(path.stem + "-grid.png")
+        save_png(image, path, texts[0])
+        return str(path)
 
     @friendly
-    def load_png(image):
+    def load_png(self, image):
+        """The form filled from an image's A1111 recipe: text, numbers, sampler, and the LoRAs of its tags."""
         if image is None:
             raise gr.Error("drop a PNG first", print_exception=False)
         p = read_png_parameters(image)
         text, tags = parse_prompt(p["prompt"])
-        names = [t.name for t in tags if t.name in usable][:MAX_SLOTS]
+        names = [t.name for t in tags if t.name in self.usable][:MAX_SLOTS]
         sampler = p.get("Sampler", DEFAULTS.scheduler)
         try:
-            width, height = (int(v) for v in p.get("Size", f"{native}x{native}").split("x"))
+            width, height = (int(v) for v in p.get("Size", f"{self.native}x{self.native}").split("x"))
             numbers = [int(p.get("Seed", -1)), int(p.get("Steps", DEFAULTS.steps)),
                        float(p.get("CFG scale", DEFAULTS.cfg_scale))]
         except ValueError:
@@ -128,90 +132,121 @@ def build_app(engine: Engine, output_dir: Path):
                            "loaded", print_exception=False) from None
         out = [text, p["negative_prompt"], *numbers, width, height,
                sampler if sampler in SCHEDULERS else DEFAULTS.scheduler, names]
-        slot_updates = slots_for(names)
+        slot_updates = self.slots_for(names)
         by_name = {t.name: t for t in tags}
         for i, name in enumerate(names):
             slot_updates[4 * i + 2] = gr.update(value=by_name[name].unet)
             slot_updates[4 * i + 3] = gr.update(value=by_name[name].te_weight)
         return out + slot_updates
 
+    @staticmethod
     def insert_trigger(sample, prompt):
         word = (sample[0] if isinstance(sample, list | tuple) else str(sample)).strip()
         if not word:
             return prompt
         return f"{word}, {prompt}" if prompt else word
 
+
+def build_app(engine: Engine, output_dir: Path):
+    studio = Studio(engine, output_dir)
     with gr.Blocks(title="sdlora blend studio", delete_cache=CACHE_CLEAN) as app:
         gr.Markdown("## sdlora blend studio")
         with gr.Row():
             with gr.Column(scale=2):
-                prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
-                negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative")
-                with gr.Row():
-                    seed = gr.Number(label="Seed (-1: random)", value=DEFAULTS.seed, precision=0, elem_id="seed")
-                    steps = gr.Slider(1, 150, value=DEFAULTS.steps, step=1, label="Steps", elem_id="steps")
-                    cfg = gr.Slider(0, 30, value=DEFAULTS.cfg_scale, step=0.5, label="CFG scale", elem_id="cfg")
-                with gr.Row():
-                    width = gr.Slider(8, 2048, value=native, step=8, label="Width", elem_id="width")
-                    height = gr.Slider(8, 2048, value=native, step=8, label="Height", elem_id="height")
-                    batch_size = gr.Slider(1, 8, value=DEFAULTS.batch_size, step=1, label="Batch size")
-                    batch_count = gr.Slider(1, 16, value=DEFAULTS.batch_count, step=1, label="Batch count")
-                with gr.Row():
-                    scheduler = gr.Dropdown(list(SCHEDULERS), value=DEFAULTS.scheduler, label="Sampler", elem_id="sampler")
-                    mode = gr.Radio(list(MODES), value=MODES[0], label="Blend mode", elem_id="mode")
-                go = gr.Button("Generate", variant="primary", elem_id="generate")
-                gallery = gr.Gallery(label="Images", elem_id="gallery", columns=4, height="auto")
-                info = gr.Textbox(label="Parameters", lines=3, interactive=False, elem_id="info")
-                seed_used = gr.Textbox(label="Seed", interactive=False, elem_id="seed-used")
+                ui = _form(studio)
             with gr.Column(scale=1):
-                gr.Markdown("### LoRAs")
-                gr.Dataframe(value=_cards(engine), headers=["name", "family", "rank", "trigger words", "weight", "kind",
-                                                            "status"], interactive=False, wrap=True, elem_id="cards")
-                previews = [(str(e.preview), e.name) for e in engine.library.entries.values() if e.preview]
-                if previews:
-                    from PIL import Image
+                ui |= _library(studio, ui["prompt"])
+        ui |= _tools(studio)
 
-                    gr.Gallery(value=[(Image.open(p).convert("RGB"), n) for p, n in previews], label="Previews",
-                               elem_id="previews", columns=3, height="auto")
-                triggers = [[w] for e in engine.library.entries.values() if e.compatible for w in e.triggers]
-                if triggers:
-                    trig = gr.Dataset(components=[gr.Textbox(visible=False)], samples=triggers,
-                                      label="Trigger words (click to insert)", elem_id="triggers")
-                    trig.click(insert_trigger, [trig, prompt], prompt)
-                selected = gr.CheckboxGroup(usable, label="Use", elem_id="selected")
-                slot_components, rows = [], []
-                for i in range(MAX_SLOTS):
-                    with gr.Group(visible=False) as row:
-                        name = gr.Textbox(label="LoRA", interactive=False, elem_id=f"slot{i}-name")
-                        unet_w = gr.Slider(*WEIGHT_RANGE, value=1.0, step=0.05, label="UNet weight",
-                                           elem_id=f"slot{i}-unet")
-                        te_w = gr.Slider(*WEIGHT_RANGE, value=1.0, step=0.05, label="Text-encoder weight",
-                                         elem_id=f"slot{i}-te")
-                    rows.append(row)
-                    slot_components += [name, unet_w, te_w]
-                slot_outputs = [c for i in range(MAX_SLOTS) for c in (rows[i], *slot_components[3 * i: 3 * i + 3])]
-                selected.change(slots_for, selected, slot_outputs)
-        with gr.Accordion("X/Y grid", open=False):
-            with gr.Row():
-                x_lora = gr.Dropdown(usable, label="X: LoRA weight of", elem_id="x-lora")
-                x_values = gr.Textbox(value="0, 0.5, 1", label="X values", elem_id="x-values")
-                y_kind = gr.Dropdown(list(AXIS_KINDS), value="seed", label="Y axis", elem_id="y-kind")
-                y_lora = gr.Dropdown(usable, label="Y: LoRA (for a LoRA axis)", elem_id="y-lora")
-                y_values = gr.Textbox(value="1, 2", label="Y values", elem_id="y-values")
-            grid_go = gr.Button("Make grid", elem_id="grid")
-            grid_out = gr.Image(label="Grid", elem_id="grid-image", type="filepath")
-        with gr.Accordion("Load parameters from a PNG", open=False):
-            png = gr.Image(type="pil", label="PNG with parameters", elem_id="png-info", image_mode=None)
-            load = gr.Button("Load into the form", elem_id="load-png")
+        def take(*keys):
+            return [ui[k] for k in keys]
 
-        common = [prompt, negative, seed, steps, cfg, width, height]
-        go.click(generate, [selected, mode, *common, batch_size, batch_count, scheduler, *slot_components],
-                 [gallery, info, seed_used], concurrency_limit=1, concurrency_id="gpu")
-        grid_go.click(grid, [selected, mode, x_lora, x_values, y_kind, y_lora, y_values, *common, scheduler,
-                             *slot_components], grid_out, concurrency_limit=1, concurrency_id="gpu")
-        load.click(load_png, png, [*common, scheduler, selected, *slot_outputs])
+        common = take("prompt", "negative", "seed", "steps", "cfg", "width", "height")
+        slots = ui["slot_components"]
+        ui["go"].click(studio.generate, [*take("selected", "mode"), *common,
+                                         *take("batch_size", "batch_count", "scheduler"), *slots],
+                       take("gallery", "info", "seed_used"), concurrency_limit=1, concurrency_id="gpu")
+        ui["grid_go"].click(studio.grid, [*take("selected", "mode", "x_lora", "x_values", "y_kind", "y_lora", "y_values"),
+                                          *common, ui["scheduler"], *slots],
+                            ui["grid_out"], concurrency_limit=1, concurrency_id="gpu")
+        ui["load"].click(studio.load_png, ui["png"], [*common, *take("scheduler", "selected"), *ui["slot_outputs"]])
     app.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
     return app
+
+
+def _form(studio: Studio) -> dict:
+    """The left column: prompt, numbers, sampler and mode, the Generate button and what it makes."""
+    ui = {"prompt": gr.Textbox(label="Prompt", lines=2, elem_id="prompt"),
+          "negative": gr.Textbox(label="Negative prompt", lines=1, elem_id="negative")}
+    with gr.Row():
+        ui["seed"] = gr.Number(label="Seed (-1: random)", value=DEFAULTS.seed, precision=0, elem_id="seed")
+        ui["steps"] = gr.Slider(1, 150, value=DEFAULTS.steps, step=1, label="Steps", elem_id="steps")
+        ui["cfg"] = gr.Slider(0, 30, value=DEFAULTS.cfg_scale, step=0.5, label="CFG scale", elem_id="cfg")
+    with gr.Row():
+        ui["width"] = gr.Slider(8, 2048, value=studio.native, step=8, label="Width", elem_id="width")
+        ui["height"] = gr.Slider(8, 2048, value=studio.native, step=8, label="Height", elem_id="height")
+        ui["batch_size"] = gr.Slider(1, 8, value=DEFAULTS.batch_size, step=1, label="Batch size")
+        ui["batch_count"] = gr.Slider(1, 16, value=DEFAULTS.batch_count, step=1, label="Batch count")
+    with gr.Row():
+        ui["scheduler"] = gr.Dropdown(list(SCHEDULERS), value=DEFAULTS.scheduler, label="Sampler", elem_id="sampler")
+        ui["mode"] = gr.Radio(list(MODES), value=MODES[0], label="Blend mode", elem_id="mode")
+    ui["go"] = gr.Button("Generate", variant="primary", elem_id="generate")
+    ui["gallery"] = gr.Gallery(label="Images", elem_id="gallery", columns=4, height="auto")
+    ui["info"] = gr.Textbox(label="Parameters", lines=3, interactive=False, elem_id="info")
+    ui["seed_used"] = gr.Textbox(label="Seed", interactive=False, elem_id="seed-used")
+    return ui
+
+
+def _library(studio: Studio, prompt) -> dict:
+    """The right column: LoRA cards, previews, trigger words, the tick boxes and one weight row per ticked LoRA."""
+    entries = studio.engine.library.entries.values()
+    gr.Markdown("### LoRAs")
+    gr.Dataframe(value=_cards(studio.engine), headers=["name", "family", "rank", "trigger words", "weight", "kind",
+                                                       "status"], interactive=False, wrap=True, elem_id="cards")
+    previews = [(e.preview, e.name) for e in entries if e.preview]
+    if previews:
+        from PIL import Image
+
+        def rgb(path):
+            with Image.open(path) as img:
+                return img.convert("RGB")
+
+        gr.Gallery(value=[(rgb(p), n) for p, n in previews], label="Previews", elem_id="previews", columns=3,
+                   height="auto")
+    triggers = [[w] for e in entries if e.compatible for w in e.triggers]
+    if triggers:
+        trig = gr.Dataset(components=[gr.Textbox(visible=False)], samples=triggers,
+                          label="Trigger words (click to insert)", elem_id="triggers")
+        trig.click(studio.insert_trigger, [trig, prompt], prompt)
+    selected = gr.CheckboxGroup(studio.usable, label="Use", elem_id="selected")
+    slot_components, slot_outputs = [], []
+    for i in range(MAX_SLOTS):
+        with gr.Group(visible=False) as row:
+            name = gr.Textbox(label="LoRA", interactive=False, elem_id=f"slot{i}-name")
+            unet_w = gr.Slider(*WEIGHT_RANGE, value=1.0, step=0.05, label="UNet weight", elem_id=f"slot{i}-unet")
+            te_w = gr.Slider(*WEIGHT_RANGE, value=1.0, step=0.05, label="Text-encoder weight", elem_id=f"slot{i}-te")
+        slot_components += [name, unet_w, te_w]
+        slot_outputs += [row, name, unet_w, te_w]
+    selected.change(studio.slots_for, selected, slot_outputs)
+    return {"selected": selected, "slot_components": slot_components, "slot_outputs": slot_outputs}
+
+
+def _tools(studio: Studio) -> dict:
+    """Below: the X/Y grid and "Load parameters from a PNG"."""
+    ui = {}
+    with gr.Accordion("X/Y grid", open=False):
+        with gr.Row():
+            ui["x_lora"] = gr.Dropdown(studio.usable, label="X: LoRA weight of", elem_id="x-lora")
+            ui["x_values"] = gr.Textbox(value="0, 0.5, 1", label="X values", elem_id="x-values")
+            ui["y_kind"] = gr.Dropdown(list(AXIS_KINDS), value="seed", label="Y axis", elem_id="y-kind")
+            ui["y_lora"] = gr.Dropdown(studio.usable, label="Y: LoRA (for a LoRA axis)", elem_id="y-lora")
+            ui["y_values"] = gr.Textbox(value="1, 2", label="Y values", elem_id="y-values")
+        ui["grid_go"] = gr.Button("Make grid", elem_id="grid")
+        ui["grid_out"] = gr.Image(label="Grid", elem_id="grid-image", type="filepath")
+    with gr.Accordion("Load parameters from a PNG", open=False):
+        ui["png"] = gr.Image(type="pil", label="PNG with parameters", elem_id="png-info", image_mode=None)
+        ui["load"] = gr.Button("Load into the form", elem_id="load-png")
+    return ui
 
 
 def _floats(text: str) -> list[float]:

@@ -1,0 +1,176 @@
+"""One training run: the state its steps share, and everything it writes (adapters, resumable state, samples,
+A1111 sidecars). `train.py` holds the loop; this module is what the loop leaves behind."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import lora
+from .adapters import adapter_bytes, write_adapter
+from .config import TrainConfig
+from .logs import write_csv
+from .metadata import training_metadata
+from .models import Base
+from .safefiles import atomic_save_image, atomic_write_bytes
+from .state import save_state, state_path
+
+COMPONENT_NAMES = ("text_encoder", "text_encoder_2")
+
+
+@dataclass
+class Run:
+    """What one run's helpers share. Filled in as the run is set up: data first, then the base, then the
+    optimizer; `step`, `epoch`, `rows` (step, loss, lr) and `samples` move as it trains."""
+
+    cfg: TrainConfig
+    accelerator: Any
+    report: Any  # the scanned data folder (sdlora.data.ScanReport)
+    name: str
+    started: float = field(default_factory=time.time)
+    base: Base | None = None
+    trained_tes: list[int] = field(default_factory=list)  # indices of the text encoders that get LoRA
+    targets: dict[str, list[str]] = field(default_factory=dict)  # component -> module paths with LoRA
+    optimizer: Any = None
+    scheduler: Any = None
+    step: int = 0
+    epoch: int = 0
+    rows: list[tuple[int, float, float]] = field(default_factory=list)
+    samples: list[Path] = field(default_factory=list)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.output_dir)
+
+    @property
+    def final_path(self) -> Path:
+        return self.out / f"{self.name}.safetensors"
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+def flat_config(cfg: TrainConfig) -> dict:
+    """Every option by its flag name, one level deep (for the state file, resume checks and TensorBoard)."""
+    d = asdict(cfg)
+    flat = {k: v for k, v in d.items() if k not in ("data", "adapter")}
+    flat.update(d["data"])
+    flat.update(d["adapter"])
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in flat.items() if not isinstance(v, list) or v}
+
+
+def lora_states(run: Run) -> dict[str, dict[str, torch.Tensor]]:
+    states = {"unet": lora.lora_state(run.base.unet)}
+    for i in run.trained_tes:
+        states[COMPONENT_NAMES[i]] = lora.lora_state(run.base.text_encoders[i])
+    return states
+
+
+def untrained(run: Run) -> dict[str, str]:
+    """The layers of trained text encoders left without LoRA because the loss never reaches them."""
+    out = {}
+    for i in run.trained_tes:
+        exclude = lora.unreachable(run.base.text_encoders[i], run.base.family, COMPONENT_NAMES[i])
+        if exclude:
+            out[COMPONENT_NAMES[i]] = f"{exclude} (SDXL reads the penultimate layer of this encoder)"
+    return out
+
+
+def adapter_blob(run: Run) -> bytes:
+    """The adapter at this step as safetensors bytes, with kohya/ModelSpec metadata and hashes."""
+    cfg, base, report = run.cfg, run.base, run.report
+    dirs = {}
+    for item in report.items:
+        d = dirs.setdefault(item.folder, {"n_repeats": item.repeats, "img_count": 0})
+        d["img_count"] += 1
+    meta = training_metadata(
+        name=run.name, family=base.family, prediction_type=base.prediction_type, base_name=Path(cfg.base).name,
+        rank=cfg.adapter.rank, alpha=cfg.adapter.lora_alpha, preset=cfg.adapter.preset,
+        train_text_encoder=cfg.adapter.train_text_encoder, resolution=cfg.data.resolution, steps=run.step,
+        epoch=run.epoch + 1, lr=cfg.lr, text_encoder_lr=cfg.text_encoder_lr, num_images=len(report.items),
+        tag_frequency=report.tag_frequency(), dataset_dirs=dirs, dataset_dir=Path(report.root).name,
+        buckets=dict(report.buckets()), trigger=cfg.data.trigger, seed=cfg.seed, started=run.started,
+        finished=time.time(), optimizer=cfg.optimizer, lr_scheduler=cfg.lr_scheduler,
+        min_snr_gamma=cfg.min_snr_gamma, noise_offset=cfg.noise_offset, untrained=untrained(run),
+    )
+    return adapter_bytes(lora_states(run), family=base.family, rank=cfg.adapter.rank, alpha=cfg.adapter.lora_alpha,
+                         targets=run.targets, layout=cfg.format, precision=cfg.save_precision, metadata=meta,
+                         unet_config=base.unet.config)
+
+
+def checkpoint(run: Run) -> None:
+    """An intermediate adapter `NAME-stepNNNNNN.safetensors` plus the state `--resume` continues from."""
+    blob = adapter_blob(run)
+    if run.main:
+        write_adapter(run.out / f"{run.name}-step{run.step:06d}.safetensors", blob)
+        save_run_state(run)
+        write_csv(run.out / "logs" / "loss.csv", run.rows)
+    run.accelerator.wait_for_everyone()
+
+
+def save_run_state(run: Run) -> None:
+    """The resumable state at this step (the config goes with it, so a resume can refuse changed settings)."""
+    save_state(state_path(run.out, run.name, run.step), step=run.step, lora=lora_states(run), optimizer=run.optimizer,
+               scheduler=run.scheduler, extra={"config": flat_config(run.cfg)})
+
+
+@torch.no_grad()
+def write_samples(run: Run) -> list[Path]:
+    """One image per --sample-prompt at this step, in `samples/`; the encoders go back where they were."""
+    if not run.main:
+        return []
+    base, cfg = run.base, run.cfg
+    encoders = [base.vae, *base.text_encoders]
+    homes = [next(m.parameters()).device for m in encoders]  # where the caches left them
+    for m in encoders:
+        m.to(run.accelerator.device)
+    pipe = base.pipeline()
+    was_training = base.unet.training
+    base.unet.eval()
+    paths = []
+    try:
+        for k, prompt in enumerate(cfg.sample_prompt):
+            g = torch.Generator(device="cpu").manual_seed(cfg.seed + k)
+            with run.accelerator.autocast():
+                latents = pipe(prompt, num_inference_steps=cfg.sample_steps, height=cfg.data.resolution,
+                               width=cfg.data.resolution, generator=g, output_type="latent").images
+            path = run.out / "samples" / f"{run.name}-step{run.step:06d}-{k}.png"
+            atomic_save_image(decode(pipe, latents)[0], path)
+            paths.append(path)
+    finally:
+        base.unet.train(was_training)
+        for m, home in zip(encoders, homes, strict=True):
+            m.to(home)
+    return paths
+
+
+def decode(pipe, latents: torch.Tensor) -> list:
+    """Latents to PIL images with the fp32 VAE outside autocast: under fp16 autocast the VAE would decode in fp16,
+    where SDXL's overflows (black or NaN previews)."""
+    vae = pipe.vae
+    with torch.autocast(latents.device.type, enabled=False):
+        z = latents.to(vae.device, torch.float32)
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if mean is not None and std is not None:  # as the SDXL pipeline decodes for VAEs that declare them
+            shape = (1, -1, 1, 1)
+            z = z * torch.tensor(std).view(shape).to(z) / vae.config.scaling_factor + torch.tensor(mean).view(shape).to(z)
+        else:
+            z = z / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
+        pixels = vae.decode(z).sample
+    return pipe.image_processor.postprocess(pixels.float(), output_type="pil")
+
+
+def write_sidecars(run: Run) -> None:
+    """A1111's `NAME.json` (activation text, preferred weight, sd version) and `NAME.preview.png`."""
+    adapter, cfg = run.final_path, run.cfg
+    info = {"description": f"Trained with sdlora on {Path(cfg.base).name}", "sd version": run.base.family.upper(),
+            "activation text": cfg.data.trigger, "preferred weight": 1.0, "negative text": "", "notes": ""}
+    atomic_write_bytes(adapter.with_suffix(".json"), json.dumps(info, indent=2).encode())
+    if run.samples:
+        atomic_write_bytes(adapter.with_name(adapter.stem + ".preview.png"), run.samples[-1].read_bytes())
