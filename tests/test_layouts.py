@@ -145,3 +145,19 @@ def test_exact_and_fast_agree_for_every_layout(tmp_path, lora_states, layout):
     assert (exact - fast).abs().max() < 1e-4, layout
     images = {m: np.asarray(engine.generate(PARAMS, blend, m).images[0], dtype=float) for m in ("exact", "fast")}
     assert np.abs(images["exact"] - images["fast"]).max() <= 1  # uint8: at most one rounding step apart
+
+
+@pytest.mark.parametrize("layout", ["kohya", "diffusers"])
+def test_exact_and_fast_agree_on_sdxl_with_both_text_encoders(tmp_path, layout):
+    """SDXL: SGM-named UNet keys, te1/te2 (kohya) or text_encoder_2 (diffusers), alpha != rank."""
+    from test_formats import write_adapter
+
+    write_adapter(tmp_path, "tiny-sdxl", layout, True, preset="attn-mlp", alpha=1.0, stem="xl")
+    engine = Engine("tiny-sdxl", tmp_path)
+    assert {t.component for t in engine.lora_file(tmp_path / "xl.safetensors")[2].targets} == {
+        "unet", "text_encoder", "text_encoder_2"}
+    base = latents(engine, [], "exact")
+    blend = [BlendItem("xl", unet=0.9, te=0.6)]
+    exact, fast = latents(engine, blend, "exact"), latents(engine, blend, "fast")
+    assert (exact - base).abs().max() > 1e-2
+    assert (exact - fast).abs().max() < 1e-4

@@ -57,15 +57,17 @@ def server(tmp_path_factory):
     while time.time() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"webui exited: {proc.stdout.read()}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.5)
+        if _up(url):
+            break
+        time.sleep(0.5)
     else:
         proc.kill()
         pytest.fail("webui did not start within 120 s")
     yield {"url": url, "root": root, "loras": loras, "out": out, "secret": secret}
+    _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
     proc.terminate()
     try:
         proc.wait(timeout=20)
@@ -280,13 +282,7 @@ def test_one_generation_at_a_time_behind_a_queue_of_16(tmp_path):
         lines = events.read_text().split()
         assert lines == ["start", "end"] * (1 + QUEUE_SIZE)  # all that queued ran, never two at once
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
+        _stop(proc)
 
 
 def _up(url: str) -> bool:
