@@ -246,18 +246,16 @@ def _global_options(parser: argparse.ArgumentParser, default) -> None:
 
 
 def _quiet_dependencies() -> None:
-    """Upstream libraries log advice meant for their own developers; users see sdlora's messages only."""
+    """Upstream libraries log advice meant for their own developers; users see sdlora's messages only. Set through
+    the environment variables they read when they are first imported, so no command pays for importing them here
+    (diffusers' and transformers' logging modules pull in most of both libraries: seconds of start-up)."""
+    import os
+
+    for name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
+        os.environ.setdefault(name, "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # also transformers' "loading weights" bars
     for noisy in ("diffusers", "transformers", "accelerate", "httpx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    try:
-        import diffusers.utils.logging as dl
-        import transformers.utils.logging as tl
-
-        tl.set_verbosity_error()
-        dl.set_verbosity_error()
-        tl.disable_progress_bar()
-    except ImportError:  # pragma: no cover
-        pass
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -224,21 +224,40 @@ def _folder_family(path: Path) -> str:
 
 
 def _load_folder(path: Path) -> Base:
+    """Each component by its own class, as model_index.json names it: the pipeline classes are not imported
+    (seconds of start-up a training run does not need; `Base.pipeline()` builds one when sampling)."""
     if not (path / "model_index.json").is_file():
         raise ModelError(f"{path} is a folder but not a diffusers model (no model_index.json)")
     family = _folder_family(path)
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+    import diffusers
+    import transformers
 
+    def component(name: str):
+        library, cls = index[name]
+        module = diffusers if library == "diffusers" else transformers
+        if not hasattr(module, cls):
+            raise ModelError(f"{path}: model_index.json names {library}.{cls} for {name}, which sdlora cannot load")
+        if name.startswith("tokenizer") or name == "scheduler":
+            return getattr(module, cls).from_pretrained(path, subfolder=name)
+        if library == "transformers":  # fp32 whatever the files hold; training and the engine cast from there
+            return getattr(module, cls).from_pretrained(path / name, use_safetensors=True, dtype=torch.float32)
+        return getattr(module, cls).from_pretrained(path, subfolder=name, use_safetensors=True,
+                                                    torch_dtype=torch.float32)
+
+    names = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"]
+    names += ["text_encoder_2", "tokenizer_2"] if family == "sdxl" else []
     try:
-        if family == "sdxl":
-            pipe = StableDiffusionXLPipeline.from_pretrained(path, use_safetensors=True)
-        else:
-            pipe = StableDiffusionPipeline.from_pretrained(
-                path, use_safetensors=True, safety_checker=None, requires_safety_checker=False
-            )
-    except (OSError, ValueError) as e:
+        parts = {n: component(n) for n in names}
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise ModelError(f"{path}: cannot load the diffusers model: {e}") from e
-    return _from_pipeline(path.name, pipe, family)
+    tes = [parts["text_encoder"]] + ([parts["text_encoder_2"]] if family == "sdxl" else [])
+    toks = [parts["tokenizer"]] + ([parts["tokenizer_2"]] if family == "sdxl" else [])
+    base = Base(path.name, family, parts["scheduler"].config.get("prediction_type", "epsilon"), parts["unet"],
+                parts["vae"], tes, toks, parts["scheduler"])
+    for m in base.modules().values():
+        m.eval()
+    return base
 
 
 def checkpoint_family(keys) -> str:

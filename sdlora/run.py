@@ -26,7 +26,7 @@ COMPONENT_NAMES = ("text_encoder", "text_encoder_2")
 @dataclass
 class Run:
     """What one run's helpers share. Filled in as the run is set up: data first, then the base, then the
-    optimizer; `step`, `epoch`, `rows` (step, loss, lr) and `samples` move as it trains."""
+    optimizer; `step`, `epoch`, `rows` (step, loss, lr), `pending` and `samples` move as it trains."""
 
     cfg: TrainConfig
     accelerator: Any
@@ -41,6 +41,7 @@ class Run:
     step: int = 0
     epoch: int = 0
     rows: list[tuple[int, float, float]] = field(default_factory=list)
+    pending: list[tuple[int, torch.Tensor, float]] = field(default_factory=list)  # steps whose loss is not read yet
     samples: list[Path] = field(default_factory=list)
 
     @property

@@ -135,27 +135,41 @@ def train(cfg: TrainConfig, *, progress: bool = False) -> TrainResult:
                        len(blob), time.time() - run.started, [r[1] for r in run.rows], run.samples)
 
 
+LOG_EVERY = 10  # steps between reading losses back from the device (each read waits for the device to finish)
+
+
 def _end_of_step(run: Run, accum_losses: list[torch.Tensor], bar, total_steps: int) -> None:
-    """After an optimizer step: schedule, log the step's loss, and write samples and checkpoints when due."""
-    cfg, accelerator = run.cfg, run.accelerator
+    """After an optimizer step: schedule, keep the step's loss (read back every LOG_EVERY steps, so the host does
+    not wait for the device each step), and write samples and checkpoints when due."""
+    cfg = run.cfg
     run.scheduler.step()
     run.step += 1
-    loss = accelerator.reduce(torch.stack(accum_losses).mean(), "mean").item()
+    run.pending.append((run.step, torch.stack(accum_losses).mean(), run.scheduler.get_last_lr()[0]))
     accum_losses.clear()
-    lr = run.scheduler.get_last_lr()[0]
-    run.rows.append((run.step, loss, lr))
     if run.main:
-        accelerator.log({"loss": loss, "lr": lr}, step=run.step)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-    if run.step < total_steps:
-        if cfg.sample_prompt and cfg.sample_every and run.step % cfg.sample_every == 0:
-            run.samples += write_samples(run)
-        if cfg.save_every and run.step % cfg.save_every == 0:
-            checkpoint(run)
+    sample = cfg.sample_prompt and cfg.sample_every and run.step % cfg.sample_every == 0 and run.step < total_steps
+    save = cfg.save_every and run.step % cfg.save_every == 0 and run.step < total_steps
+    if run.step % LOG_EVERY == 0 or run.step >= total_steps or sample or save:
+        _log_losses(run, bar)
+    if sample:
+        run.samples += write_samples(run)
+    if save:
+        checkpoint(run)
 
 
-# ---------------------------------------------------------------- set-up helpers
+def _log_losses(run: Run, bar) -> None:
+    """The pending steps' losses, averaged over the processes in one reduction, into the log and TensorBoard."""
+    if not run.pending:
+        return
+    losses = run.accelerator.reduce(torch.stack([loss for _, loss, _ in run.pending]), "mean").tolist()
+    for (step, _, lr), loss in zip(run.pending, losses, strict=True):
+        run.rows.append((step, loss, lr))
+        if run.main:
+            run.accelerator.log({"loss": loss, "lr": lr}, step=step)
+    run.pending.clear()
+    if run.main:
+        bar.set_postfix(loss=f"{run.rows[-1][1]:.4f}", lr=f"{run.rows[-1][2]:.2e}")
 
 
 def _start(cfg: TrainConfig) -> Run:
@@ -231,7 +245,10 @@ def _optimizer_and_prepare(run: Run, optimizer_cls, params, total_steps: int):
     if params[n_unet:]:
         groups.append({"params": params[n_unet:],
                        "lr": cfg.text_encoder_lr if cfg.text_encoder_lr is not None else cfg.lr})
-    optimizer = optimizer_cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # torch's fused AdamW: the same update in one kernel over all LoRA tensors instead of a Python loop over them
+    # (on 2 CPU cores, 128 small tensors: 1.5 ms a step against 7.4 ms).
+    fused = {"fused": True} if optimizer_cls is torch.optim.AdamW else {}
+    optimizer = optimizer_cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
     from diffusers.optimization import get_scheduler
 
     run.scheduler = get_scheduler(cfg.lr_scheduler if cfg.lr_scheduler != "constant" or not cfg.warmup_steps

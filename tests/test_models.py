@@ -159,3 +159,21 @@ def test_sd2_single_files_say_whether_they_are_v_prediction(tmp_path, tensors, e
     kind, how = sd2_prediction_type(tmp_path / "m.safetensors")
     assert kind == expected
     assert how  # always says how it was decided, or why it could not be
+
+
+def test_a_folder_saved_in_half_precision_loads_in_fp32_without_its_pipeline_class(tmp_path, monkeypatch):
+    """Components load one by one (the pipeline classes cost seconds of start-up a training run does not need),
+    always in fp32 whatever the files hold: training and the engine cast from there."""
+    import diffusers
+
+    base = build_tiny("tiny-sdxl")
+    for m in base.modules().values():
+        m.half()
+    base.pipeline().save_pretrained(tmp_path / "xl")
+    monkeypatch.setattr(diffusers, "StableDiffusionXLPipeline", None)  # loading must not touch it
+    loaded = load_base(str(tmp_path / "xl"))
+    assert loaded.family == "sdxl" and len(loaded.text_encoders) == len(loaded.tokenizers) == 2
+    assert {p.dtype for m in loaded.modules().values() for p in m.parameters()} == {torch.float32}
+    ref = {k: v.float() for k, v in base.unet.state_dict().items()}
+    assert all(torch.equal(ref[k], v) for k, v in loaded.unet.state_dict().items())
+    assert type(loaded.scheduler).__name__ == type(base.scheduler).__name__
