@@ -121,6 +121,78 @@ def cmd_convert(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(ns: argparse.Namespace) -> int:
+    from .tools.merge import Item, merge, write_merge
+
+    items = [Item(path, unet, te) for path, unet, te in (parse_lora_arg(a) for a in ns.loras)]
+    _refuse_existing(ns.out, ns.overwrite)
+    result = merge(items, rank=ns.rank, base=ns.base)
+    out = write_merge(result, ns.out, overwrite=ns.overwrite, layout=ns.format)
+    how = "ranks concatenated (exact)" if ns.rank is None else (
+        f"rank {ns.rank} by SVD; relative error median {_median(result.errors.values()):.4f}, worst "
+        f"{max(result.errors.values()):.4f}")
+    print(f"wrote {out}: {len(items)} LoRAs, {len(result.updates)} modules, {how}")
+    return 0
+
+
+def cmd_resize(ns: argparse.Namespace) -> int:
+    from .tools.resize import resize, write_resize
+
+    _refuse_existing(ns.out, ns.overwrite)
+    result = resize(ns.input, rank=ns.rank, energy=ns.energy, base=ns.base)
+    out = write_resize(result, ns.out, overwrite=ns.overwrite)
+    errors = [r["relative_error"] for r in result.rows]
+    ranks = [r["rank_after"] for r in result.rows]
+    for r in result.rows if ns.verbose else []:
+        print(f"  {r['module']}: rank {r['rank_before']} -> {r['rank_after']}, error {r['relative_error']:.4f}")
+    print(f"wrote {out}: {len(ranks)} modules, rank {min(ranks)}-{max(ranks)}, relative error median "
+          f"{_median(errors):.4f}, worst {max(errors):.4f}; {result.bytes_before / 1e6:.2f} MB -> "
+          f"{out.stat().st_size / 1e6:.2f} MB")
+    return 0
+
+
+def cmd_extract(ns: argparse.Namespace) -> int:
+    from .tools.extract import extract, write_extract
+
+    _refuse_existing(ns.out, ns.overwrite)
+    result = extract(ns.base, ns.tuned, ns.rank, ns.conv_rank, base_config=ns.base_config)
+    out = write_extract(result, ns.out, overwrite=ns.overwrite)
+    errors = [r["relative_error"] for r in result.rows]
+    print(f"wrote {out}: {len(result.updates)} modules that differ, relative error median {_median(errors):.4f}, "
+          f"worst {max(errors):.4f}")
+    return 0
+
+
+def cmd_analyze(ns: argparse.Namespace) -> int:
+    import json
+
+    from .tools.analyze import analyze, plot
+
+    report = analyze(ns.files, base=ns.base)
+    if ns.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(report["summary"])
+    for path in plot(report, ns.plot) if ns.plot else []:
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _refuse_existing(out: Path, overwrite: bool) -> None:
+    """Checked before any work: nothing the user made is replaced unasked."""
+    from .errors import ConfigError
+
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{out} already exists; choose another --out or pass --overwrite")
+
+
+def _median(values) -> float:
+    import statistics
+
+    values = list(values)
+    return statistics.median(values) if values else 0.0
+
+
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -225,6 +297,55 @@ def build_parser() -> argparse.ArgumentParser:
                                   "layout of the LoRA's family).")
     p.add_argument("--overwrite", action="store_true", help="Replace OUTPUT if it exists.")
     p.set_defaults(func=cmd_convert)
+
+    p = command("merge", help="Merge several LoRAs at their weights into one LoRA.",
+                description="Merge LoRAs at their weights into one: ranks concatenated (exact), or with --rank "
+                            "each module's summed update reduced by SVD (the relative error is reported).")
+    p.add_argument("loras", nargs="+", metavar="PATH[:W]",
+                   help="LoRA files with weights, PATH:W or PATH:TE_W:UNET_W as for generate.")
+    p.add_argument("--out", type=Path, required=True, help="The merged LoRA (.safetensors).")
+    p.add_argument("--rank", type=int, help="Reduce each module to this rank by SVD (default: concatenate, exact).")
+    p.add_argument("--base", help="The base the LoRAs were made for, for custom architectures (default: the "
+                                  "full-size layout of their family).")
+    p.add_argument("--format", choices=("kohya", "diffusers"), default="kohya", help="Output layout (default: kohya).")
+    p.add_argument("--overwrite", action="store_true", help="Replace --out if it exists.")
+    p.set_defaults(func=cmd_merge)
+
+    p = command("resize", help="Lower a LoRA's rank by SVD.",
+                description="Lower a LoRA's rank by SVD of each module's update: to --rank R, or per module to the "
+                            "smallest rank keeping --energy F of the squared Frobenius norm. The scale alpha/rank is "
+                            "kept.")
+    p.add_argument("input", type=Path, help="The LoRA to resize (.safetensors).")
+    size = p.add_mutually_exclusive_group(required=True)
+    size.add_argument("--rank", type=int, help="The new rank of every module.")
+    size.add_argument("--energy", type=float, help="Fraction of each update's squared norm to keep, e.g. 0.9.")
+    p.add_argument("--out", type=Path, required=True, help="The resized LoRA (.safetensors).")
+    p.add_argument("--base", help="The base the LoRA was made for, for custom architectures.")
+    p.add_argument("--verbose", action="store_true", help="Print every module's rank and error.")
+    p.add_argument("--overwrite", action="store_true", help="Replace --out if it exists.")
+    p.set_defaults(func=cmd_resize)
+
+    p = command("extract", help="Extract a LoRA from the difference of two models.",
+                description="Extract a LoRA approximating the difference between a tuned model and its base "
+                            "(same family), by SVD of each module's difference.")
+    p.add_argument("--base", required=True, help="The original model (as for train --base).")
+    p.add_argument("--tuned", required=True, help="The fine-tuned model.")
+    p.add_argument("--base-config", help="For single-file models: diffusers folder or Hub id with their configs.")
+    p.add_argument("--rank", type=int, required=True, help="Rank of the linear modules.")
+    p.add_argument("--conv-rank", type=int, help="Also extract the UNet's convolutions (LoCon) at this rank.")
+    p.add_argument("--out", type=Path, required=True, help="The extracted LoRA (.safetensors).")
+    p.add_argument("--overwrite", action="store_true", help="Replace --out if it exists.")
+    p.set_defaults(func=cmd_extract)
+
+    p = command("analyze", help="The singular values and effective rank of a LoRA's updates (LoRA paper, Section 7).",
+                description="Per module: singular values of the update and its effective rank (90%% and 99%% of the "
+                            "energy). With two LoRAs of the same data: the subspace similarity phi of their top "
+                            "directions.")
+    p.add_argument("files", type=Path, nargs="+", metavar="LORA", help="One LoRA, or two to compare.")
+    p.add_argument("--json", action="store_true", help="Print the whole report as JSON.")
+    p.add_argument("--plot", type=Path, metavar="DIR", help="Write spectra and the phi map as PNG into DIR.")
+    p.add_argument("--base", help="The base the LoRAs were made for, for custom architectures.")
+    p.set_defaults(func=cmd_analyze)
 
     p = command("demo", help="Train a style LoRA on the toy base and measure what it does.",
                        description="Train a style LoRA on the pretrained toy base from datasets_example/, then write "

@@ -1,0 +1,56 @@
+"""`sdlora resize`: a LoRA at a lower rank, by SVD of each module's update.
+
+To a fixed rank, or per module to the smallest rank keeping a fraction of the update's squared Frobenius norm
+(`energy`). The scale alpha/rank of each module is kept (alpha is rewritten), so a resized LoRA behaves like its
+source at the same weight and trains on with the same learning rate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..convert import reference
+from ..errors import ConfigError
+from ..lorafile import read_lora
+from .updates import Update, check_rank, lora_bytes, low_rank, read_updates, summary_metadata, write_new
+
+
+@dataclass
+class ResizeResult:
+    updates: list[Update]
+    rows: list[dict]  # per module: name, rank before and after, relative error
+    family: str
+    unet_config: object
+    metadata: dict[str, str]
+    bytes_before: int
+
+
+def resize(path: Path, rank: int | None = None, energy: float | None = None, base: str | None = None) -> ResizeResult:
+    if (rank is None) == (energy is None):
+        raise ConfigError("give either --rank R or --energy F")
+    if rank is not None and rank < 1:
+        raise ConfigError(f"--rank must be at least 1, got {rank}")
+    if energy is not None and not 0 < energy <= 1:
+        raise ConfigError(f"--energy must be in (0, 1], got {energy}")
+    lf = read_lora(path)
+    models, family, ref_name = reference(lf, base)
+    _, updates = read_updates(path, models, family, ref_name)
+    out, rows = [], []
+    for u in updates:
+        if rank is not None:
+            check_rank(u, rank)
+        scale = u.scale
+        down, up, _, r, err = low_rank(u.delta(), rank, energy)
+        out.append(Update(u.component, u.path, u.shape, down, up / scale, scale * r))
+        rows.append({"module": f"{u.component}.{u.path}", "rank_before": u.rank or None, "rank_after": r,
+                     "relative_error": err})
+    decisions = f"rank {rank}" if rank is not None else f"energy {energy:g}"
+    meta = summary_metadata(lf.metadata, out, sdlora_resized_from={"file": Path(path).name,
+                                                                   "short_hash": lf.sha256[:12]},
+                            sdlora_resize=decisions)
+    return ResizeResult(out, rows, family, models["unet"].config, meta, Path(path).stat().st_size)
+
+
+def write_resize(result: ResizeResult, out: Path, overwrite: bool = False) -> Path:
+    return write_new(out, lora_bytes(result.updates, result.family, result.unet_config, result.metadata), overwrite)
