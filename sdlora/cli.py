@@ -235,13 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     command = functools.partial(sub.add_parser, parents=[common])
 
     p = command("train", help="Train a LoRA on a folder of captioned images.",
-                       description="Train a LoRA on a folder of captioned images.")
+                description="Train a LoRA on a folder of captioned images.")
     add_train_options(p)
     p.set_defaults(func=cmd_train)
 
     p = command("generate", help="Generate images with a base and a blend of LoRAs.",
-                       description="Generate images with a base model and a weighted blend of LoRAs. Prompts may "
-                                   "also hold <lora:name:w> tags naming LoRAs given with --lora.")
+                description="Generate images with a base model and a weighted blend of LoRAs. Prompts may "
+                            "also hold <lora:name:w> tags naming LoRAs given with --lora.")
     studio = StudioConfig()
     p.add_argument("--base", default=studio.base, help=f"Base model (as for train; default: {studio.base}).")
     p.add_argument("--base-config", help="For a single-file --base: diffusers folder or Hub id with its configs.")
@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = command("webui", help="Start the blend studio in the browser (Gradio).",
-                       description="Start the blend studio: pick LoRAs from a folder, weight them, generate, grid.")
+                description="Start the blend studio: pick LoRAs from a folder, weight them, generate, grid.")
     p.add_argument("--base", default=studio.base, help=f"Base model (as for train; default: {studio.base}).")
     p.add_argument("--base-config", help="For a single-file --base: diffusers folder or Hub id with its configs.")
     p.add_argument("--lora-dir", type=Path, required=True, help="Folder of .safetensors LoRAs (searched recursively).")
@@ -282,14 +282,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_webui)
 
     p = command("inspect", help="Show what a LoRA file is: format, family, modules, rank, metadata, hashes.",
-                       description="Show what a LoRA file is: format, family, modules, rank, alpha, metadata, hashes.")
+                description="Show what a LoRA file is: format, family, modules, rank, alpha, metadata, hashes.")
     p.add_argument("file", type=Path, help="A .safetensors LoRA.")
     p.add_argument("--json", action="store_true", help="Print one JSON object instead of text.")
     p.set_defaults(func=cmd_inspect)
 
     p = command("convert", help="Rewrite a LoRA in the kohya or diffusers layout.",
-                       description="Rewrite a LoRA in the kohya (A1111, ComfyUI, Forge) or diffusers layout; "
-                                   "tensors, alpha and scale are kept exactly.")
+                description="Rewrite a LoRA in the kohya (A1111, ComfyUI, Forge) or diffusers layout; "
+                            "tensors, alpha and scale are kept exactly.")
     p.add_argument("input", type=Path, help="The LoRA to read (.safetensors).")
     p.add_argument("output", type=Path, help="The file to write (.safetensors).")
     p.add_argument("--to", required=True, choices=("kohya", "diffusers"), help="Target layout.")
@@ -348,8 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_analyze)
 
     p = command("demo", help="Train a style LoRA on the toy base and measure what it does.",
-                       description="Train a style LoRA on the pretrained toy base from datasets_example/, then write "
-                                   "a grid (prompts x LoRA weight 0, 0.5, 1) and metrics.json.")
+                description="Train a style LoRA on the pretrained toy base from datasets_example/, then write "
+                            "a grid (prompts x LoRA weight 0, 0.5, 1) and metrics.json.")
     demo = DemoConfig()
     p.add_argument("--out", default=str(studio.output_dir / "demo"),
                    help=f"Output folder (default: {studio.output_dir / 'demo'}).")

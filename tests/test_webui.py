@@ -201,6 +201,31 @@ def test_symlinks_out_of_the_folder_are_not_listed(server):
     assert "inkstyle" in page and "evil" not in page.replace("evil.safetensors", "")
 
 
+def test_save_a_blend_as_one_lora(server):
+    import json
+
+    from gradio_client import Client
+
+    from sdlora.lorafile import read_lora
+
+    client = Client(server["url"], verbose=False)
+    slots = ["inkstyle", 0.8, 0.6, "watercolor", 0.4, 1.2, *["", 1.0, 1.0] * 4]
+    _, message = client.predict("ink and water", ["inkstyle", "watercolor"], *slots, api_name="/save_blend")
+    out = server["loras"] / "ink and water.safetensors"
+    assert message == "saved ink and water.safetensors (2 LoRAs)" and out.is_file()
+    sources = json.loads(read_lora(out).metadata["sdlora_merged_from"])
+    assert [(s["file"], s["unet"], s["te"]) for s in sources] == [("inkstyle.safetensors", 0.8, 0.6),
+                                                                  ("watercolor.safetensors", 0.4, 1.2)]
+    before = out.read_bytes()
+    for name, why in (("ink and water", "exists already"), ("../escape", "use letters"), ("", "use letters")):
+        with pytest.raises(Exception, match=why):
+            client.predict(name, ["inkstyle"], *slots, api_name="/save_blend")
+    assert out.read_bytes() == before and not (server["root"] / "escape.safetensors").exists()
+    gallery, info, _ = client.predict([], "fast", "a red circle <lora:ink and water:1>", "", 11, 2, 7.0, 64, 64, 1, 1,
+                                      "Euler a", *["", 1.0, 1.0] * 6, api_name="/generate")
+    assert "<lora:ink and water:1>" in info  # the saved LoRA is in the library at once
+
+
 def test_wider_address_needs_an_explicit_flag(capsys, tmp_path):
     assert main(["webui", "--lora-dir", str(tmp_path), "--host", "0.0.0.0"]) == 2
     assert "--listen" in capsys.readouterr().err

@@ -139,6 +139,34 @@ class Studio:
             slot_updates[4 * i + 3] = gr.update(value=by_name[name].te_weight)
         return out + slot_updates
 
+    @friendly
+    def save_blend(self, name, selected, *slot_values):
+        """The ticked LoRAs at their slider weights as one LoRA in the LoRA folder (ranks concatenated: exact)."""
+        import re
+
+        from sdlora.errors import ConfigError
+        from sdlora.tools.merge import Item, merge, write_merge
+
+        name = str(name or "").strip()
+        if not re.fullmatch(r"[\w.\- ]+", name) or name.startswith("."):
+            raise ConfigError(f"name {name!r}: use letters, digits, spaces, '.', '-' or '_'")
+        folder = self.engine.library.folder
+        if folder is None:
+            raise ConfigError("no LoRA folder to save into (start the studio with --lora-dir)")
+        out = folder / f"{name}.safetensors"
+        if out.exists() or name in self.engine.library.entries:
+            raise ConfigError(f"a LoRA named {name!r} exists already; choose another name")
+        blend = self._blend(selected, slot_values)
+        if not blend:
+            raise ConfigError("tick at least one LoRA to save a blend")
+        items = [Item(self.engine.library.get(b.name).path, b.unet, b.te) for b in blend]
+        base = self.engine.base
+        result = merge(items, models=(base.modules(), base.family, base.name))
+        write_merge(result, out)
+        self.engine.rescan()
+        self.usable = [n for n, e in self.engine.library.entries.items() if e.compatible]
+        return gr.update(choices=self.usable, value=list(selected or [])), f"saved {out.name} ({len(blend)} LoRAs)"
+
     @staticmethod
     def insert_trigger(sample, prompt):
         word = (sample[0] if isinstance(sample, list | tuple) else str(sample)).strip()
@@ -228,6 +256,12 @@ def _library(studio: Studio, prompt) -> dict:
         slot_components += [name, unet_w, te_w]
         slot_outputs += [row, name, unet_w, te_w]
     selected.change(studio.slots_for, selected, slot_outputs)
+    with gr.Row():
+        save_name = gr.Textbox(label="Name of the merged LoRA", elem_id="save-name", scale=2)
+        save = gr.Button("Save this blend as one LoRA", elem_id="save-blend", scale=1)
+    saved = gr.Textbox(label="Saved", interactive=False, elem_id="saved")
+    save.click(studio.save_blend, [save_name, selected, *slot_components], [selected, saved], concurrency_limit=1,
+               concurrency_id="gpu")
     return {"selected": selected, "slot_components": slot_components, "slot_outputs": slot_outputs}
 
 

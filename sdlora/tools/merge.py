@@ -38,11 +38,12 @@ class MergeResult:
     metadata: dict[str, str]
 
 
-def merge(items: list[Item], rank: int | None = None, base: str | None = None) -> MergeResult:
+def merge(items: list[Item], rank: int | None = None, base: str | None = None, models=None) -> MergeResult:
+    """`models`: (modules, family, name) of a base already loaded (the studio's), instead of loading `base`."""
     if not items:
         raise FormatError("give at least one LoRA to merge")
     first = read_lora(items[0].path)
-    models, family, ref_name = reference(first, base)
+    models, family, ref_name = models or reference(first, base)
     per_module: dict[tuple[str, str], list[tuple[float, Update]]] = {}
     sources = []
     for item in items:
