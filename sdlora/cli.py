@@ -163,6 +163,19 @@ def cmd_extract(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bake(ns: argparse.Namespace) -> int:
+    from .tools.bake import bake
+    from .tools.merge import Item
+
+    _refuse_existing(ns.out, ns.overwrite)
+    items = [Item(path, unet, te) for path, unet, te in (parse_lora_arg(a) for a in ns.lora)]
+    out = bake(ns.base, items, ns.out, layout=ns.format, precision=ns.precision, base_config=ns.base_config,
+               overwrite=ns.overwrite)
+    print(f"wrote {out} ({'diffusers folder' if ns.format == 'diffusers' else 'single-file checkpoint'}, "
+          f"{ns.precision}, {len(items)} LoRAs merged in)")
+    return 0
+
+
 def cmd_analyze(ns: argparse.Namespace) -> int:
     import json
 
@@ -336,6 +349,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="The extracted LoRA (.safetensors).")
     p.add_argument("--overwrite", action="store_true", help="Replace --out if it exists.")
     p.set_defaults(func=cmd_extract)
+
+    p = command("bake", help="Merge a blend of LoRAs into a base and save it as a model.",
+                description="Merge a blend of LoRAs into a base's weights (as generate --fuse does) and save the "
+                            "result as a single-file checkpoint A1111 and ComfyUI load, or a diffusers folder.")
+    p.add_argument("--base", required=True, help="The base model (as for train --base).")
+    p.add_argument("--base-config", help="For a single-file --base: diffusers folder or Hub id with its configs.")
+    p.add_argument("--lora", action="append", required=True, metavar="PATH[:W]",
+                   help="LoRA file and weight, or PATH:TE_W:UNET_W (repeatable).")
+    p.add_argument("--out", type=Path, required=True, help="The model file (.safetensors) or folder.")
+    p.add_argument("--format", choices=("single", "diffusers"), default="single",
+                   help="single: one .safetensors in the original layout (default); diffusers: a diffusers folder.")
+    p.add_argument("--precision", choices=("fp16", "bf16", "fp32"), default="fp16",
+                   help="Precision of the saved weights (default: fp16; the merge itself runs in fp32).")
+    p.add_argument("--overwrite", action="store_true", help="Replace --out if it exists.")
+    p.set_defaults(func=cmd_bake)
 
     p = command("analyze", help="The singular values and effective rank of a LoRA's updates (LoRA paper, Section 7).",
                 description="Per module: singular values of the update and its effective rank (90%% and 99%% of the "

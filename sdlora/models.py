@@ -181,9 +181,11 @@ def build_tiny(name: str, seed: int = 0) -> Base:
                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
                 transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), use_linear_projection=True,
                 addition_embed_type="text_time", addition_time_embed_dim=8,
-                projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=64, norm_num_groups=16,
+                projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=32 + 48, norm_num_groups=16,
             )
-            text_encoders = [CLIPTextModel(_clip_config(32)), CLIPTextModelWithProjection(_clip_config(32, 32))]
+            # Two encoders of different widths, as in SDXL (768 and 1280): tools that tell them apart by width (such
+            # as diffusers' single-file loader) would mix up two of the same width.
+            text_encoders = [CLIPTextModel(_clip_config(32)), CLIPTextModelWithProjection(_clip_config(48, 32))]
             tokenizers = [tiny_tokenizer(), tiny_tokenizer()]
         else:  # pragma: no cover - guarded by load_base
             raise ModelError(f"unknown built-in {name!r}; choose one of {', '.join(BUILTINS)}")

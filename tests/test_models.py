@@ -83,11 +83,10 @@ def test_single_file_checkpoint_trains_with_a_local_config(tmp_path, dataset):
     from safetensors.torch import save_file
 
     from sdlora.cli import main
+    from sdlora.tools.bake import checkpoint_tensors
 
-    from ldm_layout import ldm_checkpoint
-
-    base = build_tiny("tiny-sd")
-    save_file(ldm_checkpoint(base), str(tmp_path / "tiny.safetensors"))
+    base = build_tiny("tiny-sd")  # written in the LDM layout as bake writes it; diffusers' converter reads it back
+    save_file(checkpoint_tensors(base), str(tmp_path / "tiny.safetensors"))
     base.pipeline().save_pretrained(tmp_path / "cfg")
     loaded = load_base(str(tmp_path / "tiny.safetensors"), config=str(tmp_path / "cfg"))
     assert loaded.family == "sd1" and loaded.name == "tiny"

@@ -179,3 +179,36 @@ def test_workshop_commands_and_their_refusals(loras, tmp_path, capsys):
         save_file({f"{q}.hada_w1_a": torch.randn(32, 2), f"{q}.hada_w1_b": torch.randn(2, 32),
                    f"{q}.hada_w2_a": torch.randn(32, 2), f"{q}.hada_w2_b": torch.randn(2, 32)}, str(ha))
         merge([Item(a), Item(ha)], base="tiny-sd")
+
+
+@pytest.mark.parametrize("name", ["tiny-sd", "tiny-sdxl"])
+@pytest.mark.parametrize("layout", ["single", "diffusers"])
+def test_bake_is_the_fused_blend_as_a_model(tmp_path, name, layout):
+    """A baked model, loaded back (single files through diffusers' own LDM/SGM converter), has the weights of the
+    blend merged by `generate --fuse` and draws the same image."""
+    import numpy as np
+
+    from sdlora.engine import Params
+    from sdlora.models import load_base
+    from sdlora.tools.bake import bake
+
+    write_adapter(tmp_path, name, "kohya", True, preset="full", precision="fp32", alpha=2.0, seed=4, stem="one")
+    write_adapter(tmp_path, name, "kohya", False, preset="attn", precision="fp32", alpha=4.0, seed=5, stem="two")
+    build_tiny(name).pipeline().save_pretrained(tmp_path / "config")
+    items = [Item(tmp_path / "one.safetensors", 0.8, 0.5), Item(tmp_path / "two.safetensors", -0.6)]
+    out = tmp_path / ("baked.safetensors" if layout == "single" else "baked")
+    bake(name, items, out, layout=layout, precision="fp32")
+    fused = Engine(name, tmp_path, device="cpu")
+    blend = [BlendItem("one", 0.8, 0.5), BlendItem("two", -0.6)]
+    fused.apply(blend, "fast")
+    baked = load_base(str(out), config=str(tmp_path / "config"))
+    want, got = fused.base.modules(), baked.modules()
+    for comp in want:
+        w, g = want[comp].state_dict(), got[comp].state_dict()
+        assert w.keys() == g.keys(), comp
+        for k in w:
+            assert torch.allclose(w[k].float(), g[k].float(), atol=1e-6), (comp, k)
+    params = Params(prompt="a red circle", seed=3, steps=3, width=64, height=64, scheduler="Euler")
+    a = np.asarray(fused.generate(params, blend, "fast").images[0], dtype=float)
+    b = np.asarray(Engine(baked, device="cpu").generate(params).images[0], dtype=float)
+    assert np.abs(a - b).max() <= 1
