@@ -76,7 +76,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
         path, unet_w, te_w = parse_lora_arg(arg)
         files.append(path)
         blend.append(BlendItem(path.stem, unet=unet_w, te=te_w))
-    engine = Engine(ns.base, lora_files=files, base_config=ns.base_config)
+    engine = Engine(ns.base, lora_files=files, base_config=ns.base_config, quantize=ns.quantize_base or "")
     params = Params(prompt=ns.prompt, negative_prompt=ns.negative_prompt, seed=ns.seed, steps=ns.steps,
                     cfg_scale=ns.cfg, width=ns.width, height=ns.height, batch_size=ns.batch_size,
                     batch_count=ns.batch_count, scheduler=ns.scheduler)
@@ -220,7 +220,8 @@ def cmd_webui(ns: argparse.Namespace) -> int:
     from webui.app import serve
 
     print(f"sdlora web UI on http://{ns.host}:{ns.port} (Ctrl+C to stop)", file=sys.stderr)
-    serve(ns.base, ns.lora_dir, ns.output_dir, host=ns.host, port=ns.port, base_config=ns.base_config)
+    serve(ns.base, ns.lora_dir, ns.output_dir, host=ns.host, port=ns.port, base_config=ns.base_config,
+          quantize=ns.quantize_base or "")
     return 0
 
 
@@ -258,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     studio = StudioConfig()
     p.add_argument("--base", default=studio.base, help=f"Base model (as for train; default: {studio.base}).")
     p.add_argument("--base-config", help="For a single-file --base: diffusers folder or Hub id with its configs.")
+    _quantize_option(p)
     p.add_argument("--lora", action="append", metavar="PATH[:W]",
                    help="LoRA file and weight, or PATH:TE_W:UNET_W (repeatable; weights in [-2, 2]).")
     p.add_argument("--prompt", required=True, help="Prompt text.")
@@ -286,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
                 description="Start the blend studio: pick LoRAs from a folder, weight them, generate, grid.")
     p.add_argument("--base", default=studio.base, help=f"Base model (as for train; default: {studio.base}).")
     p.add_argument("--base-config", help="For a single-file --base: diffusers folder or Hub id with its configs.")
+    _quantize_option(p)
     p.add_argument("--lora-dir", type=Path, required=True, help="Folder of .safetensors LoRAs (searched recursively).")
     p.add_argument("--output-dir", type=Path, default=studio.output_dir,
                    help=f"Where images are saved (default: {studio.output_dir}).")
@@ -388,6 +391,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quantize_option(parser: argparse.ArgumentParser) -> None:
+    from .config import QUANTIZE
+
+    parser.add_argument("--quantize-base", choices=[q for q in QUANTIZE if q],
+                        help="Hold the base's linear layers in 8 or 4 bits to save memory (needs torchao); LoRAs then "
+                             "apply in exact mode only (default: full precision).")
+
+
 def _global_options(parser: argparse.ArgumentParser, default) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", default=default, help="Only print warnings and errors.")
     parser.add_argument("--debug", action="store_true", default=default,
@@ -403,7 +414,7 @@ def _quiet_dependencies() -> None:
     for name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
         os.environ.setdefault(name, "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # also transformers' "loading weights" bars
-    for noisy in ("diffusers", "transformers", "accelerate", "httpx"):
+    for noisy in ("diffusers", "transformers", "accelerate", "httpx", "torchao", "torch.utils._pytree"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 

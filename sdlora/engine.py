@@ -193,12 +193,21 @@ class Result:
 
 class Engine:
     def __init__(self, base: str | Base, lora_dir: Path | None = None, *, lora_files: list[Path] = (),
-                 base_config: str | None = None, device: str | None = None, dtype: torch.dtype | None = None):
+                 base_config: str | None = None, device: str | None = None, dtype: torch.dtype | None = None,
+                 quantize: str = ""):
+        if quantize:
+            from . import quant
+
+            quant.require(quantize)
         self.base = load_base(base, config=base_config) if isinstance(base, str) else base
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.pipe = self.base.pipeline()
         self.pipe.to(self.device, self.dtype)
+        self.quantized = quantize  # the UNet's and text encoders' linear layers in 8 or 4 bits: exact mode only
+        if quantize:
+            for m in (self.base.unet, *self.base.text_encoders):
+                quant.quantize(m, quantize)
         self.library = LoraLibrary(lora_dir, self.base.family, lora_files)
         self.lock = threading.Lock()
         self.max_loras: int | None = None  # a cap on LoRAs per blend, prompt tags included (the web UI sets one)
@@ -249,6 +258,10 @@ class Engine:
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         resolved = self._resolve(blend)
+        if self.quantized and any(mode == "fast" or not lf.plain for _, _, lf, _ in resolved):
+            raise ConfigError(f"the base is quantized ({self.quantized}), so a LoRA cannot be merged into its weights: "
+                              "use exact mode (LyCORIS LoHa/LoKr and LoCon with a Tucker core can only be merged, "
+                              "so they need a full-precision base)")
         merged = [(i, k, f) for i, k, lf, f in resolved if mode == "fast" or not lf.plain]
         exact = [(i, k, f) for i, k, lf, f in resolved if mode == "exact" and lf.plain]
         self._merge(merged)
@@ -281,6 +294,7 @@ class Engine:
                 with warnings.catch_warnings():
                     # peft warns on every adapter after the first; several adapters are the point here.
                     warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                    warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated without")
                     # What the reader fitted, not the file's own tensors: one layout diffusers reads the same way
                     # every time, with each module's scale folded in (the same update fast mode merges).
                     self.pipe.load_lora_weights(result.peft_state(), adapter_name=name)

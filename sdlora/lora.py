@@ -7,6 +7,7 @@ sdlora never defines a LoRA layer: peft does the maths. This module only names t
 from __future__ import annotations
 
 import re
+import warnings
 
 import torch
 
@@ -70,7 +71,11 @@ def inject(model: torch.nn.Module, cfg: AdapterConfig, component: str, exclude: 
     if not targets:
         raise ConfigError(f"preset {cfg.preset!r} matches no module of the {component}; this base is not supported")
     model.requires_grad_(False)
-    model.add_adapter(peft_config(cfg, component, exclude), adapter_name=ADAPTER)
+    with warnings.catch_warnings():
+        # On an int8 (torchao) base peft warns that its LoRA layer cannot merge into the quantized weight; sdlora
+        # never merges a training adapter in place.
+        warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated without")
+        model.add_adapter(peft_config(cfg, component, exclude), adapter_name=ADAPTER)
     return targets
 
 

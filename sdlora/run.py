@@ -99,6 +99,7 @@ def adapter_blob(run: Run) -> bytes:
         buckets=dict(report.buckets()), trigger=cfg.data.trigger, seed=cfg.seed, started=run.started,
         finished=time.time(), optimizer=cfg.optimizer, lr_scheduler=cfg.lr_scheduler,
         min_snr_gamma=cfg.min_snr_gamma, noise_offset=cfg.noise_offset, untrained=untrained(run),
+        quantized_base=cfg.quantize_base,
     )
     return adapter_bytes(lora_states(run), family=base.family, rank=cfg.adapter.rank, alpha=cfg.adapter.lora_alpha,
                          targets=run.targets, layout=cfg.format, precision=cfg.save_precision, metadata=meta,

@@ -192,6 +192,10 @@ def _load_and_inject(run: Run) -> tuple[int, list[torch.nn.Parameter]]:
     """The base, frozen, on the device; LoRA on the UNet and, when asked, the text encoders. Returns the base's
     parameter count and the trainable LoRA parameters (kept in fp32 under mixed precision)."""
     cfg, device = run.cfg, run.accelerator.device
+    if cfg.quantize_base:
+        from . import quant
+
+        quant.require(cfg.quantize_base)  # before anything loads: say what to install
     base = run.base = load_base(cfg.base, seed=cfg.seed, prediction_type=cfg.prediction_type or None,
                                 config=cfg.base_config or None)
     torch.manual_seed(cfg.seed)  # after loading, so the LoRA's initial weights follow --seed whatever the base did
@@ -199,12 +203,18 @@ def _load_and_inject(run: Run) -> tuple[int, list[torch.nn.Parameter]]:
     base_params = sum(p.numel() for m in [base.unet, *base.text_encoders] for p in m.parameters())
     for m in base.modules().values():
         m.requires_grad_(False)
+    if cfg.quantize_base:  # before LoRA goes on, in the compute dtype: peft wraps the quantized layers
+        from . import quant
+
+        for m in [base.unet, *base.text_encoders]:
+            m.to(device, dtype=weight_dtype)
+            quant.quantize(m, cfg.quantize_base)
     run.targets = {"unet": lora.inject(base.unet, cfg.adapter, "unet")}
     run.trained_tes = list(range(len(base.text_encoders))) if cfg.adapter.train_text_encoder else []
     for i in run.trained_tes:
         exclude = lora.unreachable(base.text_encoders[i], base.family, COMPONENT_NAMES[i])
         run.targets[COMPONENT_NAMES[i]] = lora.inject(base.text_encoders[i], cfg.adapter, "text_encoder", exclude)
-    for m in [base.unet, *base.text_encoders]:
+    for m in [] if cfg.quantize_base else [base.unet, *base.text_encoders]:  # (quantized ones were placed first)
         m.to(device) if weight_dtype == torch.float32 else m.to(device, dtype=weight_dtype)
     base.vae.to(device)  # kept in fp32: fp16 VAEs overflow (notably SDXL's), and it only encodes
     params = lora.lora_parameters(base.unet) + [p for i in run.trained_tes
@@ -255,6 +265,14 @@ def _optimizer_and_prepare(run: Run, optimizer_cls, params, total_steps: int):
                                   else "constant_with_warmup", optimizer, num_warmup_steps=cfg.warmup_steps,
                                   num_training_steps=total_steps)
     models = [base.unet] + [base.text_encoders[i] for i in run.trained_tes]
+    if run.accelerator.num_processes > 1:
+        # Every process loaded the same frozen base, so DDP need not broadcast it at start (gigabytes for SDXL), and
+        # cannot for a quantized one (torchao's tensors have no view for the broadcast): it syncs the LoRA only.
+        from torch.nn.parallel import DistributedDataParallel
+
+        for m in models:
+            frozen = [n for n, p in m.named_parameters() if not p.requires_grad] + [n for n, _ in m.named_buffers()]
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(m, frozen)
     *models, run.optimizer = run.accelerator.prepare(*models, optimizer)
     text_encoders = list(base.text_encoders)
     for i, m in zip(run.trained_tes, models[1:], strict=True):

@@ -293,7 +293,7 @@ def _floats(text: str) -> list[float]:
 
 
 def serve(base: str, lora_dir: Path, output_dir: Path, host: str = StudioConfig.host, port: int = StudioConfig.port,
-          block: bool = True, base_config: str | None = None):
+          block: bool = True, base_config: str | None = None, quantize: str = ""):
     """Start the UI. Gradio may read files from the outputs folder only (its cache lives inside it)."""
     import os
 
@@ -301,7 +301,7 @@ def serve(base: str, lora_dir: Path, output_dir: Path, host: str = StudioConfig.
     cache = output_dir / ".gradio"
     cache.mkdir(parents=True, exist_ok=True)
     os.environ["GRADIO_TEMP_DIR"] = str(cache)
-    engine = Engine(base, lora_dir, base_config=base_config)
+    engine = Engine(base, lora_dir, base_config=base_config, quantize=quantize)
     app = build_app(engine, output_dir)
     app.launch(server_name=host, server_port=port, share=False, allowed_paths=[str(output_dir)],
                blocked_paths=[str(Path(lora_dir).resolve())] if lora_dir else None, prevent_thread_lock=not block,

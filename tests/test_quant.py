@@ -1,0 +1,90 @@
+"""QLoRA: a frozen base in 8 or 4 bits under a full-precision LoRA, on the CPU through torchao."""
+
+import numpy as np
+import pytest
+import torch
+from test_train import read
+
+from sdlora import quant
+from sdlora.config import AdapterConfig, DataConfig, TrainConfig
+from sdlora.engine import BlendItem, Engine, Params
+from sdlora.errors import ConfigError, MissingDependencyError
+from sdlora.models import build_tiny
+from sdlora.train import train
+
+
+def config(out, data, **kw):
+    return TrainConfig(**{"base": "tiny-sd", "output_dir": out, "name": "q", "steps": 4, "lr": 1e-2, "save_every": 2,
+                          "save_precision": "fp32", **kw},
+                       data=DataConfig(data=data, resolution=64), adapter=AdapterConfig(rank=4, train_text_encoder=True))
+
+
+@pytest.mark.parametrize("kind", quant.KINDS)
+def test_a_quantized_base_trains_an_ordinary_adapter(tmp_path, dataset, kind):
+    full = read(train(config(tmp_path / "full", dataset)).adapter)[0]
+    result = train(config(tmp_path / kind, dataset, quantize_base=kind, gradient_checkpointing=True))
+    tensors, meta = read(result.adapter)
+    assert tensors.keys() == full.keys()  # exactly the keys a full-precision run writes
+    assert meta["sdlora_quantized_base"] == kind
+    assert all(np.isfinite(result.losses)) and result.losses[-1] < result.losses[0] * 1.5
+    ups = [t for k, t in tensors.items() if k.endswith("lora_up.weight")]
+    assert sum(bool(t.abs().max() > 0) for t in ups) > len(ups) // 2  # it trained
+    # The adapter applies to the full-precision base as any LoRA does.
+    params = Params(prompt="sks, a red circle", seed=1, steps=3, width=64, height=64, scheduler="Euler")
+    engine = Engine("tiny-sd", lora_files=[result.adapter])
+    bare = np.asarray(engine.generate(params).images[0], dtype=float)
+    for mode in ("exact", "fast"):
+        assert np.abs(np.asarray(engine.generate(params, [BlendItem("q", 1.0)], mode).images[0], dtype=float)
+                      - bare).max() > 1
+    # Resume on the quantized base: the state holds the LoRA and optimizer only, and the run ends where an
+    # uninterrupted one does.
+    state = tmp_path / kind / "state" / "q-step000002.state.safetensors"
+    assert state.is_file()
+    resumed = train(config(tmp_path / kind, dataset, quantize_base=kind, gradient_checkpointing=True,
+                           resume=str(state), overwrite=True))
+    again, _ = read(resumed.adapter)
+    assert all(torch.equal(again[k], tensors[k]) for k in tensors)
+
+
+def test_quantized_layers_store_a_fraction_of_the_bytes():
+    """One SD-sized projection (320 x 320): int8 is 1 byte a weight plus one scale a row, nf4 half a byte plus the
+    double-quantized block scales."""
+    for kind, most in (("int8", 0.55), ("nf4", 0.3)):
+        layer = torch.nn.Sequential(torch.nn.Linear(320, 320, bias=False)).to(torch.bfloat16)
+        bf16 = quant.weight_bytes(layer)
+        assert quant.quantize(layer, kind) == 1
+        assert quant.is_quantized(layer[0].weight)
+        assert quant.weight_bytes(layer) <= most * bf16, (kind, quant.weight_bytes(layer), bf16)
+
+
+def test_generation_on_a_quantized_base_is_exact_mode_only(tmp_path):
+    from test_formats import write_adapter
+
+    write_adapter(tmp_path, "tiny-sd", "kohya", True, seed=1, stem="full")  # trained at full precision
+    params = Params(prompt="a red circle", seed=2, steps=3, width=64, height=64, scheduler="Euler")
+    reference = Engine("tiny-sd", tmp_path)
+    engine = Engine("tiny-sd", tmp_path, quantize="int8")
+    assert quant.is_quantized(engine.base.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight)
+    bare = np.asarray(engine.generate(params).images[0], dtype=float)
+    with_lora = np.asarray(engine.generate(params, [BlendItem("full", 1.0)]).images[0], dtype=float)
+    want = np.asarray(reference.generate(params, [BlendItem("full", 1.0)]).images[0], dtype=float)
+    assert np.abs(with_lora - bare).max() > 1  # the LoRA applies on the quantized base
+    assert np.abs(with_lora - want).mean() < np.abs(bare - want).mean()  # and moves the image toward the full one
+    with pytest.raises(ConfigError, match="use exact mode"):
+        engine.generate(params, [BlendItem("full", 1.0)], "fast")
+
+
+def test_a_missing_backend_is_named_before_any_model_loads(tmp_path, dataset, monkeypatch):
+    import sdlora.train as training
+
+    def no_torchao():
+        raise ImportError("No module named 'torchao'")
+
+    monkeypatch.setattr(quant, "_torchao", no_torchao)
+    monkeypatch.setattr(training, "load_base", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(MissingDependencyError, match="pip install torchao"):
+        train(config(tmp_path, dataset, quantize_base="nf4"))
+    with pytest.raises(MissingDependencyError, match="pip install torchao"):
+        Engine(build_tiny("tiny-sd"), quantize="int8")
+    with pytest.raises(ConfigError, match="quantize_base must be one of"):
+        config(tmp_path, dataset, quantize_base="int4")
