@@ -395,7 +395,7 @@ def _quantize_option(parser: argparse.ArgumentParser) -> None:
     from .config import QUANTIZE
 
     parser.add_argument("--quantize-base", choices=[q for q in QUANTIZE if q],
-                        help="Hold the base's linear layers in 8 or 4 bits to save memory (needs torchao); LoRAs then "
+                        help="Hold the base's linear and convolution layers in 8 or 4 bits to save memory (needs torchao); LoRAs then "
                              "apply in exact mode only (default: full precision).")
 
 

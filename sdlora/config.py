@@ -102,7 +102,7 @@ class TrainConfig:
     base: str = opt("tiny-sd", "Base model: a diffusers folder, a single-file .safetensors checkpoint, a Hub id, or a built-in (tiny-sd, tiny-sdxl).")
     base_config: str = opt("", "For a single-file --base: a diffusers folder or Hub id holding the model's configs and tokenizer (lets it load offline).")
     prediction_type: str = opt("", "Override the detected prediction type of the base.", choices=("", "epsilon", "v_prediction"))
-    quantize_base: str = opt("", "Keep the frozen base's linear layers in 8 or 4 bits (QLoRA; the LoRA trains in full precision; needs torchao).", choices=QUANTIZE)
+    quantize_base: str = opt("", "Keep the frozen base's linear and convolution layers in 8 or 4 bits (QLoRA; the LoRA trains in full precision; needs torchao).", choices=QUANTIZE)
     output_dir: Path = opt(Path("output"), "Folder for the adapter, checkpoints, samples and logs.")
     name: str = opt("", "Adapter name (default: the data folder's name).")
     overwrite: bool = opt(False, "Replace an existing adapter of the same name instead of refusing.")

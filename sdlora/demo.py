@@ -26,14 +26,14 @@ def _prompts():
     return [(c, s, bg) for c, s, bg, seed in check_prompts() if seed == 0]
 
 
-def train_style(style: str, cfg: DemoConfig, out: Path):
+def train_style(style: str, cfg: DemoConfig, out: Path, quantize_base: str = ""):
     from .toy.render import STYLES
     from .train import train
 
     if style not in STYLES:
         raise ConfigError(f"unknown style {style!r}; choose one of {', '.join(STYLES)}")
     tcfg = TrainConfig(base="toy", output_dir=out, name=style, steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size,
-                       overwrite=True, seed=cfg.seed, save_precision="fp32",
+                       overwrite=True, seed=cfg.seed, save_precision="fp32", quantize_base=quantize_base,
                        data=DataConfig(data=EXAMPLES / style, resolution=32, bucket_step=32),
                        adapter=AdapterConfig(rank=cfg.rank, preset=cfg.preset))
     return train(tcfg)

@@ -13,16 +13,17 @@ from sdlora.models import build_tiny
 from sdlora.train import train
 
 
-def config(out, data, **kw):
+def config(out, data, preset="attn", **kw):
     return TrainConfig(**{"base": "tiny-sd", "output_dir": out, "name": "q", "steps": 4, "lr": 1e-2, "save_every": 2,
                           "save_precision": "fp32", **kw},
-                       data=DataConfig(data=data, resolution=64), adapter=AdapterConfig(rank=4, train_text_encoder=True))
+                       data=DataConfig(data=data, resolution=64),
+                       adapter=AdapterConfig(rank=4, train_text_encoder=True, preset=preset))
 
 
-@pytest.mark.parametrize("kind", quant.KINDS)
-def test_a_quantized_base_trains_an_ordinary_adapter(tmp_path, dataset, kind):
-    full = read(train(config(tmp_path / "full", dataset)).adapter)[0]
-    result = train(config(tmp_path / kind, dataset, quantize_base=kind, gradient_checkpointing=True))
+@pytest.mark.parametrize("kind, preset", [("int8", "full"), ("nf4", "attn")])  # full: LoCon on quantized convs
+def test_a_quantized_base_trains_an_ordinary_adapter(tmp_path, dataset, kind, preset):
+    full = read(train(config(tmp_path / "full", dataset, preset)).adapter)[0]
+    result = train(config(tmp_path / kind, dataset, preset, quantize_base=kind, gradient_checkpointing=True))
     tensors, meta = read(result.adapter)
     assert tensors.keys() == full.keys()  # exactly the keys a full-precision run writes
     assert meta["sdlora_quantized_base"] == kind
@@ -40,27 +41,40 @@ def test_a_quantized_base_trains_an_ordinary_adapter(tmp_path, dataset, kind):
     # uninterrupted one does.
     state = tmp_path / kind / "state" / "q-step000002.state.safetensors"
     assert state.is_file()
-    resumed = train(config(tmp_path / kind, dataset, quantize_base=kind, gradient_checkpointing=True,
+    resumed = train(config(tmp_path / kind, dataset, preset, quantize_base=kind, gradient_checkpointing=True,
                            resume=str(state), overwrite=True))
     again, _ = read(resumed.adapter)
     assert all(torch.equal(again[k], tensors[k]) for k in tensors)
 
 
-def test_quantized_layers_store_a_fraction_of_the_bytes():
-    """One SD-sized projection (320 x 320): int8 is 1 byte a weight plus one scale a row, nf4 half a byte plus the
-    double-quantized block scales."""
-    for kind, most in (("int8", 0.55), ("nf4", 0.3)):
-        layer = torch.nn.Sequential(torch.nn.Linear(320, 320, bias=False)).to(torch.bfloat16)
-        bf16 = quant.weight_bytes(layer)
-        assert quant.quantize(layer, kind) == 1
-        assert quant.is_quantized(layer[0].weight)
-        assert quant.weight_bytes(layer) <= most * bf16, (kind, quant.weight_bytes(layer), bf16)
+def test_quantized_layers_store_a_fraction_of_the_bytes_and_compute_nearly_the_same():
+    """SD-sized layers (a 320 x 320 projection, a 320-channel 3x3 convolution): int8 is 1 byte a weight plus one
+    scale a row, nf4 half a byte plus the double-quantized block scales; the outputs stay close."""
+    g = torch.Generator().manual_seed(0)
+    for kind, most, tolerance in (("int8", 0.55, 0.02), ("nf4", 0.3, 0.15)):
+        model = torch.nn.Sequential(torch.nn.Linear(320, 320, bias=False), torch.nn.Unflatten(1, (320, 1, 1)),
+                                    torch.nn.Conv2d(320, 320, 3, padding=1))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)  # trained weights are about normal, as NF4 assumes
+        model.to(torch.bfloat16)
+        x = torch.randn(4, 320, generator=g).to(torch.bfloat16)
+        with torch.no_grad():
+            want = model(x).float()
+        bf16 = quant.weight_bytes(model)
+        assert quant.quantize(model, kind) == 2
+        assert quant.is_quantized(model[0].weight) and isinstance(model[2], quant.QuantizedConv2d)
+        assert model[2].weight.shape == (320, 320, 3, 3)  # the layer still looks like itself to peft and sdlora
+        assert quant.weight_bytes(model) <= most * bf16, (kind, quant.weight_bytes(model), bf16)
+        with torch.no_grad():
+            got = model(x).float()
+        assert float((got - want).norm() / want.norm()) < tolerance, kind
 
 
 def test_generation_on_a_quantized_base_is_exact_mode_only(tmp_path):
     from test_formats import write_adapter
 
-    write_adapter(tmp_path, "tiny-sd", "kohya", True, seed=1, stem="full")  # trained at full precision
+    write_adapter(tmp_path, "tiny-sd", "kohya", True, preset="full", seed=1, stem="full")  # LoCon, full precision
     params = Params(prompt="a red circle", seed=2, steps=3, width=64, height=64, scheduler="Euler")
     reference = Engine("tiny-sd", tmp_path)
     engine = Engine("tiny-sd", tmp_path, quantize="int8")
@@ -88,3 +102,21 @@ def test_a_missing_backend_is_named_before_any_model_loads(tmp_path, dataset, mo
         Engine(build_tiny("tiny-sd"), quantize="int8")
     with pytest.raises(ConfigError, match="quantize_base must be one of"):
         config(tmp_path, dataset, quantize_base="int4")
+
+
+@pytest.mark.slow
+def test_the_memory_benchmark_runs_in_its_short_mode(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from test_train import ROOT
+
+    out = tmp_path / "memory.json"
+    proc = subprocess.run([sys.executable, "benchmarks/memory.py", "--short", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["tiny_sd_shaped"]
+    assert set(rows) == {"fp32", "int8", "nf4"}
+    assert rows["nf4"]["weight_bytes"] < rows["int8"]["weight_bytes"] < rows["fp32"]["weight_bytes"]
+    assert all(r["peak_rss_mib"] > 100 and isinstance(r["step_s"], float) for r in rows.values())  # (2 vs 4 steps: noisy)
