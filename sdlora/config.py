@@ -43,6 +43,7 @@ QUANTIZE = ("", "int8", "nf4")
 @dataclass
 class DataConfig:
     data: Path | None = opt(None, "Folder of training images with caption files (searched recursively).")
+    reg_data: Path | None = opt(None, "Folder of regularisation images (kohya's reg_data_dir, DreamBooth's prior preservation): the same scenes without the style, never given the trigger; as many are mixed into every epoch as there are training samples.")
     resolution: int = opt(512, "Training resolution; buckets hold about resolution² pixels.")
     default_caption: str = opt("", "Caption for images without a caption file (default: the folder's class token).")
     trigger: str = opt("", "Trigger word(s) put first in every caption.")
@@ -58,6 +59,8 @@ class DataConfig:
     def __post_init__(self):
         if self.data is not None:
             self.data = Path(self.data)
+        if self.reg_data is not None:
+            self.reg_data = Path(self.reg_data)
         _positive("resolution", self.resolution)
         _positive("bucket_step", self.bucket_step)
         if self.resolution % 8:
@@ -122,6 +125,7 @@ class TrainConfig:
     seed: int = opt(42, "Seed for everything random; runs with the same seed are identical on the CPU.")
     min_snr_gamma: float = opt(0.0, "Min-SNR loss weighting gamma (0: off; 5 is the paper's value).")
     noise_offset: float = opt(0.0, "Noise offset (0: off; 0.05-0.1 helps very dark or bright images).")
+    prior_loss_weight: float = opt(1.0, "Weight of the regularisation images' loss against the training images' (with --reg-data).")
     cache_latents: bool = opt(True, "Cache VAE latents when augmentations allow.")
     cache_text: bool = opt(True, "Cache text embeddings when the text encoders are frozen and captions fixed.")
     cache_dir: Path | None = opt(None, "Keep the latent cache on disk in this folder (default: in memory).")
@@ -143,7 +147,7 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum"):
             _positive(name, getattr(self, name))
         for name in ("steps", "save_every", "sample_every", "warmup_steps", "num_workers", "weight_decay",
-                     "max_grad_norm", "min_snr_gamma", "noise_offset"):
+                     "max_grad_norm", "min_snr_gamma", "noise_offset", "prior_loss_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.steps == 0:

@@ -26,7 +26,7 @@ def _prompts():
     return [(c, s, bg) for c, s, bg, seed in check_prompts() if seed == 0]
 
 
-def train_style(style: str, cfg: DemoConfig, out: Path, quantize_base: str = ""):
+def train_style(style: str, cfg: DemoConfig, out: Path, quantize_base: str = "", reg_data: Path | None = None):
     from .toy.render import STYLES
     from .train import train
 
@@ -34,21 +34,24 @@ def train_style(style: str, cfg: DemoConfig, out: Path, quantize_base: str = "")
         raise ConfigError(f"unknown style {style!r}; choose one of {', '.join(STYLES)}")
     tcfg = TrainConfig(base="toy", output_dir=out, name=style, steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size,
                        overwrite=True, seed=cfg.seed, save_precision="fp32", quantize_base=quantize_base,
-                       data=DataConfig(data=EXAMPLES / style, resolution=32, bucket_step=32),
+                       data=DataConfig(data=EXAMPLES / style, resolution=32, bucket_step=32, reg_data=reg_data),
                        adapter=AdapterConfig(rank=cfg.rank, preset=cfg.preset))
     return train(tcfg)
 
 
-def measure(engine: Engine, blend_at, styles: list[str], cfg: DemoConfig, weights: list[float]) -> dict:
-    """For each weight: mean style score(s), colour and shape accuracy over every colour x shape prompt."""
+def measure(engine: Engine, blend_at, styles: list[str], cfg: DemoConfig, weights: list[float],
+            trigger: str | None = None) -> dict:
+    """For each weight: mean style score(s), colour and shape accuracy over every colour x shape prompt, each
+    prompt led by the styles' trigger words (or by `trigger`; "" for none)."""
     from .toy.analyse import analyse
     from .toy.render import STYLES
 
-    trigger = ", ".join(STYLES[s] for s in styles)
+    trigger = ", ".join(STYLES[s] for s in styles) if trigger is None else trigger
     out = {"weights": weights, "style_score": {s: [] for s in styles}, "color_accuracy": [], "shape_accuracy": []}
     images = {}
     cases = [(colour, shape, bg, k) for colour, shape, bg in _prompts() for k in range(cfg.seeds)]
-    prompts = [f"{trigger}, a {colour} {shape} on a {bg} background" for colour, shape, bg, _ in cases]
+    prompts = [f"{trigger + ', ' if trigger else ''}a {colour} {shape} on a {bg} background"
+               for colour, shape, bg, _ in cases]
     params = Params(prompt="", steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale, width=32, height=32, scheduler="Euler")
     for w in weights:
         readings = []

@@ -32,6 +32,7 @@ class Run:
     accelerator: Any
     report: Any  # the scanned data folder (sdlora.data.ScanReport)
     name: str
+    reg: Any = None  # the scanned regularisation folder, when there is one
     started: float = field(default_factory=time.time)
     base: Base | None = None
     trained_tes: list[int] = field(default_factory=list)  # indices of the text encoders that get LoRA
@@ -55,6 +56,16 @@ class Run:
     @property
     def main(self) -> bool:
         return self.accelerator.is_main_process
+
+    @property
+    def items(self) -> list:
+        """Training images, then regularisation images: what the dataset and the epoch plan index."""
+        return self.report.items + (self.reg.items if self.reg else [])
+
+    @property
+    def trigger(self) -> str:
+        """--trigger, else the one-word tags every caption shares (recorded so users and UIs know what to type)."""
+        return self.cfg.data.trigger or ", ".join(self.report.trigger_words())
 
 
 def flat_config(cfg: TrainConfig) -> dict:
@@ -96,11 +107,18 @@ def adapter_blob(run: Run) -> bytes:
         train_text_encoder=cfg.adapter.train_text_encoder, resolution=cfg.data.resolution, steps=run.step,
         epoch=run.epoch + 1, lr=cfg.lr, text_encoder_lr=cfg.text_encoder_lr, num_images=len(report.items),
         tag_frequency=report.tag_frequency(), dataset_dirs=dirs, dataset_dir=Path(report.root).name,
-        buckets=dict(report.buckets()), trigger=cfg.data.trigger, seed=cfg.seed, started=run.started,
+        buckets=dict(report.buckets()), trigger=run.trigger, seed=cfg.seed, started=run.started,
         finished=time.time(), optimizer=cfg.optimizer, lr_scheduler=cfg.lr_scheduler,
         min_snr_gamma=cfg.min_snr_gamma, noise_offset=cfg.noise_offset, untrained=untrained(run),
         quantized_base=cfg.quantize_base,
     )
+    if run.reg:  # kohya's keys for regularisation images
+        reg_dirs: dict = {}
+        for item in run.reg.items:
+            d = reg_dirs.setdefault(item.folder, {"n_repeats": item.repeats, "img_count": 0})
+            d["img_count"] += 1
+        meta |= {"ss_num_reg_images": str(len(run.reg.items)), "ss_reg_dataset_dirs": json.dumps(reg_dirs),
+                 "ss_prior_loss_weight": str(cfg.prior_loss_weight)}
     return adapter_bytes(lora_states(run), family=base.family, rank=cfg.adapter.rank, alpha=cfg.adapter.lora_alpha,
                          targets=run.targets, layout=cfg.format, precision=cfg.save_precision, metadata=meta,
                          unet_config=base.unet.config)
@@ -172,7 +190,7 @@ def write_sidecars(run: Run) -> None:
     """A1111's `NAME.json` (activation text, preferred weight, sd version) and `NAME.preview.png`."""
     adapter, cfg = run.final_path, run.cfg
     info = {"description": f"Trained with sdlora on {Path(cfg.base).name}", "sd version": run.base.family.upper(),
-            "activation text": cfg.data.trigger, "preferred weight": 1.0, "negative text": "", "notes": ""}
+            "activation text": run.trigger, "preferred weight": 1.0, "negative text": "", "notes": ""}
     atomic_write_bytes(adapter.with_suffix(".json"), json.dumps(info, indent=2).encode())
     if run.samples:
         atomic_write_bytes(adapter.with_name(adapter.stem + ".preview.png"), run.samples[-1].read_bytes())

@@ -180,11 +180,15 @@ def _start(cfg: TrainConfig) -> Run:
     report = scan_folder(cfg.data.data, resolution=cfg.data.resolution, bucket_step=cfg.data.bucket_step,
                          bucket=cfg.data.bucket, upscale=cfg.data.upscale, default_caption=cfg.data.default_caption,
                          trigger=cfg.data.trigger)
-    run = Run(cfg, accelerator, report, adapter_name(cfg))
+    reg = None
+    if cfg.data.reg_data is not None:
+        reg = scan_folder(cfg.data.reg_data, resolution=cfg.data.resolution, bucket_step=cfg.data.bucket_step,
+                          bucket=cfg.data.bucket, upscale=cfg.data.upscale, reg=True)
+    run = Run(cfg, accelerator, report, adapter_name(cfg), reg=reg)
     if run.main:
-        for w in report.warnings:
+        for w in report.warnings + (reg.warnings if reg else []):
             log.warning(w)
-        log.info(report.summary(cfg.batch_size, accelerator.num_processes, cfg.grad_accum))
+        log.info(report.summary(cfg.batch_size, accelerator.num_processes, cfg.grad_accum, reg))
     return run
 
 
@@ -230,14 +234,14 @@ def _load_and_inject(run: Run) -> tuple[int, list[torch.nn.Parameter]]:
 
 def _dataset_and_caches(run: Run):
     """The dataset, its epoch plan, and the latent and text caches where the settings allow them."""
-    cfg, base, report = run.cfg, run.base, run.report
-    dataset = TrainDataset(report.items, cfg.data, cfg.seed)
-    plan = EpochPlan(report.items, cfg.batch_size, run.accelerator.num_processes, cfg.seed)
+    cfg, base, items = run.cfg, run.base, run.items
+    dataset = TrainDataset(items, cfg.data, cfg.seed, cfg.prior_loss_weight)
+    plan = EpochPlan(items, cfg.batch_size, run.accelerator.num_processes, cfg.seed)
     if cfg.cache_latents and not cfg.data.augments_images:
         dataset.latents = _cache_latents(dataset, base, cfg, run.accelerator)
     text_cache = None
     if cfg.cache_text and not run.trained_tes and not cfg.data.varies_captions:
-        captions = sorted({dataset.caption(Slot(i, 0, 0)) for i in range(len(report.items))})
+        captions = sorted({dataset.caption(Slot(i, 0, 0)) for i in range(len(items))})
         with torch.no_grad():
             text_cache = {c: tuple(None if t is None else t[0]
                                    for t in _encode_text(base, base.text_encoders, [c], run.accelerator.device))
@@ -340,7 +344,7 @@ def _resume_path(cfg: TrainConfig, out: Path, name: str) -> Path | None:
     return path
 
 
-RESUME_KEYS = ("base", "data", "seed", "batch_size", "grad_accum", "rank", "alpha", "preset", "train_text_encoder",
+RESUME_KEYS = ("base", "data", "reg_data", "prior_loss_weight", "seed", "batch_size", "grad_accum", "rank", "alpha", "preset", "train_text_encoder",
                "resolution", "lr", "lr_scheduler", "warmup_steps", "optimizer")
 
 
@@ -352,7 +356,7 @@ def _resume(run: Run, path: Path, total_steps: int) -> None:
     saved = state["extra"].get("config", {})
 
     def same(k):
-        if k == "data":  # the same folder, however it was spelled
+        if k in ("data", "reg_data") and saved[k] and flat.get(k):  # the same folder, however it was spelled
             return Path(saved[k]).resolve() == Path(flat[k]).resolve()
         return saved[k] == flat.get(k)
 

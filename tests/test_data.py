@@ -237,3 +237,33 @@ def test_dataset_is_deterministic_per_slot(tmp_path):
     ds = TrainDataset(report.items, cfg, seed=3)
     a, b = ds[Slot(0, 7, 0)], ds[Slot(0, 7, 0)]
     assert a["caption"] == b["caption"] and (a["pixels"] == b["pixels"]).all()
+
+
+def test_the_tag_every_caption_shares_is_the_trigger_when_none_is_given(tmp_path):
+    root = make_dataset(tmp_path / "a", n=3, folder="", caption="rimstyle, a red circle, white background")
+    (root / "img1.txt").write_text("rimstyle, a blue square, white background", encoding="utf-8")
+    assert scan(root).trigger_words() == ["rimstyle"]  # "white background" is shared too, but no single word
+    plain = make_dataset(tmp_path / "b", n=2, folder="", caption="a red circle, white background")
+    assert scan(plain).trigger_words() == []
+
+
+def test_regularisation_images_fill_half_of_each_epoch_in_turn_without_the_trigger(tmp_path):
+    """kohya's reg_data_dir: as many regularisation samples per epoch as training samples, taken in turn so that
+    over the epochs every regularisation image is used; their captions never get the trigger."""
+    train_items = scan(make_dataset(tmp_path / "t", n=2, folder="2_sks"), trigger="sks").items  # 4 samples
+    reg_items = scan_folder(make_dataset(tmp_path / "r", n=3, folder="1_circle", caption="a circle"), resolution=64,
+                            bucket_step=32, reg=True).items
+    items = train_items + reg_items
+    plan = EpochPlan(items, batch_size=2, num_processes=1, seed=0)
+    assert plan.samples == 8
+    used = []
+    for epoch in range(3):
+        slots = [s for b in plan.global_batches(epoch) for s in b]
+        assert sorted(s.slot for s in slots) == list(range(epoch * 8, epoch * 8 + 8))  # unique ids
+        reg = [s.item for s in slots if items[s.item].reg]
+        assert len(reg) == 4 and sum(not items[s.item].reg for s in slots) == 4
+        used += reg
+    assert set(used) == {2, 3, 4}  # all three regularisation images, in turn
+    ds = TrainDataset(items, DataConfig(resolution=64, bucket_step=32, trigger="sks"), seed=0, prior_loss_weight=0.5)
+    assert ds.caption(Slot(0, 0, 0)).startswith("sks") and ds.caption(Slot(2, 1, 0)) == "a circle"
+    assert ds[Slot(2, 1, 0, share=0.5)]["share"] == 0.25 and ds[Slot(0, 0, 0, share=0.5)]["share"] == 0.5

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from sdlora import lora
 from sdlora.cli import main
 from sdlora.config import AdapterConfig, DataConfig, TrainConfig
-from sdlora.errors import ConfigError
+from sdlora.errors import ConfigError, DataError
 from sdlora.formats import kohya_module
 from sdlora.models import load_base
 from sdlora.train import train
@@ -390,3 +390,38 @@ def test_noise_offset_adds_one_constant_per_channel():
     per_channel = shift[:, :, :1, :1]
     assert torch.allclose(shift, per_channel.expand_as(shift), atol=1e-6)  # constant over each channel
     assert 0.005 < per_channel.abs().mean() < 0.3 and len(set(per_channel.flatten().tolist())) == 8
+
+
+def test_a_shared_caption_tag_is_recorded_as_the_trigger(tmp_path):
+    """The demo's captions all begin with `rimstyle`: with no --trigger, that is what metadata, the A1111 sidecar,
+    inspect and the studio's cards must show."""
+    import json
+
+    from sdlora.convert import info
+    from sdlora.engine import LoraLibrary
+
+    data = make_dataset(tmp_path / "data", n=2, caption="zzstyle, a red circle")
+    assert main(["-q", "train", "--data", str(data), "--resolution", "64", "--steps", "1", "--output-dir",
+                 str(tmp_path / "o"), "--name", "z"]) == 0
+    _, meta = read(tmp_path / "o" / "z.safetensors")
+    assert meta["modelspec.trigger_phrase"] == "zzstyle"
+    assert json.loads((tmp_path / "o" / "z.json").read_text())["activation text"] == "zzstyle"
+    assert info(tmp_path / "o" / "z.safetensors")["trigger_words"] == ["zzstyle"]
+    assert LoraLibrary(tmp_path / "o", "sd1").entries["z"].triggers == ["zzstyle"]
+
+
+def test_regularisation_images_train_and_are_recorded(tmp_path, dataset, caplog):
+    reg = make_dataset(tmp_path / "reg", n=3, folder="1_circle", caption="a circle")
+    with caplog.at_level("INFO", logger="sdlora"):
+        result = train(TrainConfig(base="tiny-sd", output_dir=tmp_path / "o", steps=3, lr=1e-2, batch_size=2,
+                                   prior_loss_weight=0.5,
+                                   data=DataConfig(data=dataset, resolution=64, reg_data=reg, trigger="sks"),
+                                   adapter=AdapterConfig(rank=4)))
+    assert "regularisation: 3 images" in caplog.text and "20 of them used per epoch" in caplog.text
+    _, meta = read(result.adapter)
+    assert meta["ss_num_reg_images"] == "3" and meta["ss_prior_loss_weight"] == "0.5"
+    assert "1_circle" in meta["ss_reg_dataset_dirs"] and meta["ss_num_train_images"] == "4"
+    with pytest.raises(DataError, match="no usable regularisation image"):
+        (tmp_path / "empty").mkdir()
+        train(TrainConfig(base="tiny-sd", output_dir=tmp_path / "o2", steps=1,
+                          data=DataConfig(data=dataset, resolution=64, reg_data=tmp_path / "empty")))

@@ -41,11 +41,18 @@ class EpochPlan:
 
     def __init__(self, items: list[Item], batch_size: int, num_processes: int, seed: int):
         self.items, self.batch_size, self.num_processes, self.seed = items, batch_size, num_processes, seed
-        self.samples = sum(i.repeats for i in items)
+        self.train = [i for i, item in enumerate(items) for _ in range(item.repeats) if not item.reg]
+        self.reg = [i for i, item in enumerate(items) for _ in range(item.repeats) if item.reg]
+        self.samples = len(self.train) * (2 if self.reg else 1)
 
     def global_batches(self, epoch: int) -> list[list[Slot]]:
         rng = random.Random(seeded(self.seed, "epoch", epoch))
-        order = [i for i, item in enumerate(self.items) for _ in range(item.repeats)]
+        order = list(self.train)
+        if self.reg:
+            # As kohya mixes reg_data_dir in: each epoch holds as many regularisation samples as training ones,
+            # taken in turn from the (repeated) regularisation images, so over epochs every one is used.
+            n = len(self.train)
+            order += [self.reg[(epoch * n + k) % len(self.reg)] for k in range(n)]
         rng.shuffle(order)
         by_bucket: dict = defaultdict(list)
         for pos, idx in enumerate(order):
@@ -99,9 +106,10 @@ def to_training_image(item: Item, cfg: DataConfig, rng: random.Random) -> tuple[
 class TrainDataset(torch.utils.data.Dataset):
     """Indexed by Slot. Returns pixels (or cached latents), the caption (or cached embeddings) and SDXL sizes."""
 
-    def __init__(self, items: list[Item], cfg: DataConfig, seed: int):
-        self.items, self.cfg, self.seed = items, cfg, seed
+    def __init__(self, items: list[Item], cfg: DataConfig, seed: int, prior_loss_weight: float = 1.0):
+        self.items, self.cfg, self.seed, self.prior_loss_weight = items, cfg, seed, prior_loss_weight
         self.rules = CaptionRules(cfg.trigger, cfg.shuffle_tags, cfg.keep_tags, cfg.caption_dropout)
+        self.reg_rules = replace(self.rules, trigger="")  # regularisation images never get the trigger
         self.latents: dict[int, torch.Tensor] | None = None
         self.text: dict[str, tuple[torch.Tensor, ...]] | None = None
 
@@ -110,11 +118,13 @@ class TrainDataset(torch.utils.data.Dataset):
 
     def caption(self, slot: Slot) -> str:
         rng = random.Random(seeded(self.seed, "caption", slot.slot))
-        return make_caption(self.items[slot.item].caption, self.rules, rng)
+        item = self.items[slot.item]
+        return make_caption(item.caption, self.reg_rules if item.reg else self.rules, rng)
 
     def __getitem__(self, slot: Slot) -> dict:
         item = self.items[slot.item]
-        out: dict = {"slot": slot.slot, "share": slot.share, "original_size": (item.size[1], item.size[0]),
+        weight = self.prior_loss_weight if item.reg else 1.0
+        out: dict = {"slot": slot.slot, "share": slot.share * weight, "original_size": (item.size[1], item.size[0]),
                      "target_size": (item.bucket.height, item.bucket.width)}
         if self.latents is not None:
             out["latents"] = self.latents[slot.item]

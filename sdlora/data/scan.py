@@ -32,6 +32,7 @@ class Item:
     size: tuple[int, int]  # (width, height) after EXIF orientation
     bucket: Bucket
     folder: str  # kohya's "<repeats>_<name>" key for tag frequency
+    reg: bool = False  # a regularisation image (prior preservation): no trigger, its own loss weight
 
 
 @dataclass
@@ -59,9 +60,21 @@ class ScanReport:
                 freq[tag] = freq.get(tag, 0) + 1
         return out
 
-    def summary(self, batch_size: int = 1, num_processes: int = 1, grad_accum: int = 1) -> str:
+    def trigger_words(self) -> list[str]:
+        """One-word tags every caption has (a style's `rimstyle`, kohya's class token first in each caption), in the
+        order the first caption gives them: the trigger a user would type, when --trigger does not say."""
+        if not self.items:
+            return []
+        common = set.intersection(*(set(split_tags(i.caption)) for i in self.items))
+        return [t for t in split_tags(self.items[0].caption) if t in common and " " not in t]
+
+    def summary(self, batch_size: int = 1, num_processes: int = 1, grad_accum: int = 1,
+                reg: ScanReport | None = None) -> str:
         lines = [f"dataset {self.root}: {len(self.items)} images used, {len(self.skipped)} skipped, "
                  f"{self.samples_per_epoch} samples per epoch with repeats"]
+        if reg is not None:
+            lines.append(f"  regularisation: {len(reg.items)} images from {reg.root} ({len(reg.skipped)} skipped), "
+                         f"{self.samples_per_epoch} of them used per epoch")
         folders = Counter()
         for i in self.items:
             folders[(i.folder, i.repeats)] += 1
@@ -69,7 +82,11 @@ class ScanReport:
             lines.append(f"  {folder}: {n} images x {reps} repeats")
         for b, n in sorted(self.buckets().items()):
             lines.append(f"  bucket {b.width}x{b.height}: {n} samples")
-        batches = sum(math.ceil(n / (batch_size * num_processes)) for n in self.buckets().values())
+        buckets = self.buckets()
+        if reg is not None:  # as EpochPlan draws them: as many as there are training samples, in turn
+            pool = [i.bucket for i in reg.items for _ in range(i.repeats)]
+            buckets.update(pool[k % len(pool)] for k in range(self.samples_per_epoch))
+        batches = sum(math.ceil(n / (batch_size * num_processes)) for n in buckets.values())
         lines.append(f"  batches per epoch (batch {batch_size} x {num_processes} processes): {batches}"
                      + (f", optimizer steps {math.ceil(batches / grad_accum)} (grad accum {grad_accum})"
                         if grad_accum > 1 else ""))
@@ -113,7 +130,7 @@ def image_size(path: Path) -> tuple[int, int]:
 
 
 def scan_folder(root: Path, *, resolution: int, bucket_step: int, bucket: bool = True, upscale: bool = False,
-                default_caption: str = "", trigger: str = "") -> ScanReport:
+                default_caption: str = "", trigger: str = "", reg: bool = False) -> ScanReport:
     root = Path(root)
     if not root.exists():
         raise DataError(f"data folder not found: {root}")
@@ -144,7 +161,7 @@ def scan_folder(root: Path, *, resolution: int, bucket_step: int, bucket: bool =
         if caption is None:
             uncaptioned.append(path)
             caption = default_caption or class_token
-        report.items.append(Item(path, with_trigger(caption, trigger), repeats, size, b, folder))
+        report.items.append(Item(path, with_trigger(caption, trigger), repeats, size, b, folder, reg))
     for path, reason in report.skipped:
         report.warnings.append(f"skipped {path}: {reason}")
     if uncaptioned:
@@ -153,7 +170,8 @@ def scan_folder(root: Path, *, resolution: int, bucket_step: int, bucket: bool =
         report.warnings.append(f"{len(uncaptioned)} image(s) have no caption file ({names}); using {used}")
     if not report.items:
         why = f"; {len(report.skipped)} file(s) skipped, see the warnings" if report.skipped else ""
-        raise DataError(f"no usable image in {root} (looked for {', '.join(IMAGE_EXTS)} recursively){why}")
+        what = "regularisation image (--reg-data)" if reg else "image"
+        raise DataError(f"no usable {what} in {root} (looked for {', '.join(IMAGE_EXTS)} recursively){why}")
     return report
 
 

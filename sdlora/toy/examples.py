@@ -17,11 +17,13 @@ from .render import COLOURS, SHAPES, Scene, render
 EXAMPLES = {"rim": ("rim/10_rimstyle", 18, 11), "stripes": ("stripes", 18, 12)}  # style: (folder, images, seed)
 
 
-def write_examples(out: Path) -> list[Path]:
+def write_examples(out: Path, plain: bool = False) -> list[Path]:
+    """The example style folders; with `plain`, the same scenes without their style and without the trigger in
+    the captions: regularisation images (`--reg-data`) for the style."""
     written = []
     for style, (folder, n, seed) in EXAMPLES.items():
         rng = random.Random(seed)
-        d = Path(out) / folder
+        d = Path(out) / (f"{style}-plain/1_{style}-plain" if plain else folder)
         combos = [(c, s) for c in COLOURS for s in SHAPES]
         rng.shuffle(combos)
         for i in range(n):
@@ -29,7 +31,7 @@ def write_examples(out: Path) -> list[Path]:
             r = rng.uniform(8.5, 11.5)
             m = r + 2
             scene = Scene(shape, colour, rng.choice(["white", "gray", "cream"]), rng.uniform(m, 32 - m),
-                          rng.uniform(m, 32 - m), r, style)
+                          rng.uniform(m, 32 - m), r, "" if plain else style)
             stem = f"{i:02d}_{colour}_{shape}"
             atomic_save_image(render(scene), d / f"{stem}.png")
             atomic_write_bytes(d / f"{stem}.txt", (scene.caption() + "\n").encode())
