@@ -1,11 +1,13 @@
-"""Does the style stay tied to its trigger? The demo's rim LoRA trained without and with regularisation images
-(the same scenes, unstyled, captioned without the trigger: `sdlora.toy.examples` renders them), each measured at
-weight 1 with the trigger in every prompt and with no trigger at all. Regularisation images fill half of every
-epoch, so that run trains twice the steps: both see the style's images equally often.
+"""Does the style stay tied to its trigger? The demo's rim LoRA trained four ways: with its captions' rare word
+`rimstyle` as the trigger (a token the toy base never learned), or with a new token `<rim>` whose embedding trains
+with the LoRA (pivotal tuning, --train-embedding); each without and with regularisation images (the same scenes,
+unstyled, captioned without the trigger: `sdlora.toy.examples` renders them). Each is measured at weight 1 with
+the trigger in every prompt and with no trigger at all. Regularisation images fill half of every epoch, so those
+runs train twice the steps: every run sees the style's images equally often.
 
     .venv/bin/python benchmarks/trigger_toy.py [--out benchmarks/results/trigger_toy.json]
 
-About 8 minutes on 2 CPU cores.
+About 15 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import tempfile
 import time
 from dataclasses import replace
@@ -21,11 +24,21 @@ from pathlib import Path
 import torch
 
 from sdlora.config import DemoConfig
-from sdlora.demo import measure, train_style
+from sdlora.demo import EXAMPLES, measure, train_style
 from sdlora.engine import BlendItem, Engine
 from sdlora.safefiles import atomic_write_bytes
 from sdlora.toy.examples import write_examples
 from sdlora.toy.render import STYLES
+
+TOKEN = "<rim>"
+
+
+def with_token(src: Path, dst: Path, word: str, token: str) -> Path:
+    """A copy of an example folder whose captions say `token` where they said `word`."""
+    shutil.copytree(src, dst)
+    for caption in dst.rglob("*.txt"):
+        caption.write_text(caption.read_text(encoding="utf-8").replace(word, token), encoding="utf-8")
+    return dst
 
 
 def main() -> None:
@@ -36,23 +49,31 @@ def main() -> None:
     report: dict = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} CPU, "
                     f"{torch.get_num_threads()} threads, torch {torch.__version__}",
                     "command": "python benchmarks/trigger_toy.py", "style": cfg.style, "runs": {}}
+    word = STYLES[cfg.style]
     with tempfile.TemporaryDirectory() as tmp:
-        write_examples(Path(tmp) / "reg", plain=True)
-        reg = Path(tmp) / "reg" / f"{cfg.style}-plain"
-        for name, reg_data in (("without regularisation", None), ("with regularisation", reg)):
+        tmp = Path(tmp)
+        write_examples(tmp / "reg", plain=True)
+        reg = tmp / "reg" / f"{cfg.style}-plain"
+        tokened = with_token(EXAMPLES / cfg.style, tmp / "tokened", word, TOKEN)
+        runs = [("rare word", word, None, None, ()), ("rare word + regularisation", word, reg, None, ()),
+                ("new token", TOKEN, None, tokened, (TOKEN,)),
+                ("new token + regularisation", TOKEN, reg, tokened, (TOKEN,))]
+        for name, trigger, reg_data, data, train_embedding in runs:
             steps = cfg.steps * (2 if reg_data else 1)
-            result = train_style(cfg.style, replace(cfg, steps=steps), Path(tmp) / name.replace(" ", "-"),
-                                 reg_data=reg_data)
+            started = time.time()
+            result = train_style(cfg.style, replace(cfg, steps=steps), tmp / name.replace(" ", "-"),
+                                 reg_data=reg_data, data=data, train_embedding=train_embedding)
+            seconds = time.time() - started
             engine = Engine("toy", lora_files=[result.adapter])
-            row = {}
-            for prompt, trigger in (("with the trigger", STYLES[cfg.style]), ("without the trigger", "")):
+            row: dict = {"trigger": trigger, "steps": steps, "train_seconds": round(seconds, 1)}
+            for prompt, words in (("with the trigger", trigger), ("without the trigger", "")):
                 m = measure(engine, lambda w, r=result: [BlendItem(r.adapter.stem, w)] if w else [], [cfg.style],
-                            cfg, [0.0, 1.0], trigger=trigger)
+                            cfg, [0.0, 1.0], trigger=words)
                 row[prompt] = {"style_score": m["style_score"][cfg.style], "color_accuracy": m["color_accuracy"],
                                "shape_accuracy": m["shape_accuracy"], "weights": [0.0, 1.0]}
-            report["runs"][name] = row | {"steps": steps}
+            report["runs"][name] = row
             print(name, json.dumps(row), flush=True)
-    r = report["runs"]["with regularisation"]
+    r = report["runs"]["new token + regularisation"]
     report["targets"] = {"with regularisation: style with the trigger at least 0.8": r["with the trigger"]["style_score"][1] >= 0.8,
                          "with regularisation: style without the trigger at most 0.2": r["without the trigger"]["style_score"][1] <= 0.2}
     atomic_write_bytes(args.out, json.dumps(report, indent=2).encode())

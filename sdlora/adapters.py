@@ -13,10 +13,9 @@ from .safefiles import atomic_write_bytes
 
 def adapter_bytes(states: dict[str, dict[str, torch.Tensor]], *, family: str, rank: int, alpha: float,
                   targets: dict[str, list[str]], layout: str, precision: str, metadata: dict[str, str],
-                  unet_config=None) -> bytes:
-    """Serialise LoRA states to safetensors bytes with metadata and the content hashes filled in."""
-    from safetensors.torch import save
-
+                  unet_config=None, extra: dict[str, torch.Tensor] | None = None) -> bytes:
+    """Serialise LoRA states to safetensors bytes with metadata and the content hashes filled in; `extra` tensors
+    (bundled embeddings) go in as they are, in fp32."""
     if layout == "kohya":
         tensors = formats.peft_to_kohya(states, {c: alpha for c in states}, family, unet_config)
     else:
@@ -24,6 +23,13 @@ def adapter_bytes(states: dict[str, dict[str, torch.Tensor]], *, family: str, ra
         metadata = {**metadata, "lora_adapter_metadata": formats.diffusers_adapter_metadata(
             {c: rank for c in states}, {c: alpha for c in states}, targets)}
     tensors = {k: v.detach().contiguous().cpu() for k, v in formats.cast(tensors, precision).items()}
+    return safetensors_bytes(tensors | (extra or {}), metadata)
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """Tensors to safetensors bytes with kohya's hash of the tensor data in the metadata."""
+    from safetensors.torch import save
+
     blob = save(tensors, metadata=metadata)
     # The tensor bytes do not depend on the metadata, so the hash of this blob holds for the final one.
     meta = {**metadata, "sshs_model_hash": data_hash(blob)}

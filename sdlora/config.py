@@ -87,9 +87,21 @@ class AdapterConfig:
     alpha: float | None = opt(None, "LoRA alpha; the update is scaled by alpha/rank (default: equal to rank).")
     dropout: float = opt(0.0, "Dropout on the LoRA path.")
     train_text_encoder: bool = opt(False, "Also put LoRA on the text encoder(s).")
+    train_embedding: list[str] = opt(help="Pivotal tuning: add a new token TOKEN (TOKEN:N for N vectors) to the tokenizer(s) and train its embedding with the LoRA; write TOKEN in the captions (repeatable).", factory=list)
+    embedding_init: str = opt("", "Word whose embedding the new tokens start from (default: the vocabulary's mean).")
+    embedding_only: bool = opt(False, "Train only the --train-embedding token (textual inversion, no LoRA) and save it as a textual-inversion file.")
 
     def __post_init__(self):
+        from .embeddings import parse_spec
+
         _positive("rank", self.rank)
+        tokens = [parse_spec(s)[0] for s in self.train_embedding]
+        if len(set(tokens)) != len(tokens):
+            raise ConfigError(f"--train-embedding names a token twice: {', '.join(tokens)}")
+        if self.embedding_only and len(tokens) != 1:
+            raise ConfigError("--embedding-only trains one new token: pass exactly one --train-embedding TOKEN")
+        if self.embedding_init and not tokens:
+            raise ConfigError("--embedding-init needs --train-embedding TOKEN")
         if self.alpha is not None and self.alpha <= 0:
             raise ConfigError(f"alpha must be > 0, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
@@ -115,6 +127,8 @@ class TrainConfig:
     grad_accum: int = opt(1, "Gradient accumulation steps.")
     lr: float = opt(1e-4, "Learning rate of the UNet LoRA.")
     text_encoder_lr: float | None = opt(None, "Learning rate of the text-encoder LoRA (default: --lr).")
+    embedding_lr: float = opt(5e-3, "Learning rate of the --train-embedding vectors (no weight decay).")
+    embedding_steps: int = opt(0, "Train the embeddings for this many steps, then keep them fixed (0: the whole run).")
     optimizer: str = opt("adamw", "Optimizer.", choices=OPTIMIZERS)
     weight_decay: float = opt(1e-2, "Weight decay.")
     lr_scheduler: str = opt("constant", "Learning-rate schedule.", choices=LR_SCHEDULERS)
@@ -147,7 +161,8 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum"):
             _positive(name, getattr(self, name))
         for name in ("steps", "save_every", "sample_every", "warmup_steps", "num_workers", "weight_decay",
-                     "max_grad_norm", "min_snr_gamma", "noise_offset", "prior_loss_weight"):
+                     "max_grad_norm", "min_snr_gamma", "noise_offset", "prior_loss_weight", "embedding_lr",
+                     "embedding_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.steps == 0:

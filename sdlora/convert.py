@@ -10,6 +10,7 @@ import torch
 
 from . import formats
 from .archs import TITLES, meta_models
+from .embeddings import bundle_raw
 from .errors import FormatError
 from .lorafile import Fit, LoraFile, fit, read_lora, trigger_words
 from .metadata import data_hash
@@ -49,7 +50,7 @@ def info(path: Path) -> dict:
     dtypes = Counter(str(t.dtype).removeprefix("torch.") for k, t in lf.raw.items() if not k.endswith("alpha"))
     meta = lf.metadata
     digest = lf.sha256
-    triggers = trigger_words(path, meta)
+    triggers = trigger_words(path, meta, lf.bundles)
     tags = Counter()
     try:
         for folder in json.loads(meta.get("ss_tag_frequency", "{}")).values():
@@ -69,6 +70,7 @@ def info(path: Path) -> dict:
         "file_bytes": Path(path).stat().st_size,
         "precision": dict(dtypes),
         "trigger_words": triggers,
+        "bundled_embeddings": {t: {k: list(v.shape) for k, v in parts.items()} for t, parts in lf.bundles.items()},
         "top_tags": [t for t, _ in tags.most_common(10)],
         "training": {k: meta[k] for k in TRAINING_KEYS if k in meta},
         "sshs_model_hash": meta.get("sshs_model_hash", ""),
@@ -87,6 +89,8 @@ def format_info(d: dict) -> str:
              f"parameters: {d['parameters']:,}; file {d['file_bytes'] / 1e6:.2f} MB; precision "
              + ", ".join(d["precision"]),
              f"trigger words: {', '.join(d['trigger_words']) or '(none)'}"]
+    for token, parts in d["bundled_embeddings"].items():
+        lines.append(f"bundled embedding {token}: " + ", ".join(f"{k} {v[0]} x {v[-1]}" for k, v in parts.items()))
     if d["top_tags"]:
         lines.append(f"top tags: {', '.join(d['top_tags'])}")
     for k, v in d["training"].items():
@@ -131,7 +135,7 @@ def convert(src: Path, dst: Path, to: str, *, base: str | None = None, overwrite
         raise FormatError(f"unknown target layout {to!r}; choose kohya or diffusers")
     from safetensors.torch import save
 
-    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    tensors = {k: v.contiguous() for k, v in (tensors | bundle_raw(lf.bundles)).items()}  # bundled tokens kept
     blob = save(tensors, metadata=meta)
     blob = save(tensors, metadata={**meta, "sshs_model_hash": data_hash(blob)})
     atomic_write_bytes(dst, blob)

@@ -26,7 +26,9 @@ def _prompts():
     return [(c, s, bg) for c, s, bg, seed in check_prompts() if seed == 0]
 
 
-def train_style(style: str, cfg: DemoConfig, out: Path, quantize_base: str = "", reg_data: Path | None = None):
+def train_style(style: str, cfg: DemoConfig, out: Path, quantize_base: str = "", reg_data: Path | None = None,
+                data: Path | None = None, train_embedding: tuple[str, ...] = ()):
+    """The demo's LoRA for one example style (or for `data`, another folder of it), at the demo's settings."""
     from .toy.render import STYLES
     from .train import train
 
@@ -34,8 +36,8 @@ def train_style(style: str, cfg: DemoConfig, out: Path, quantize_base: str = "",
         raise ConfigError(f"unknown style {style!r}; choose one of {', '.join(STYLES)}")
     tcfg = TrainConfig(base="toy", output_dir=out, name=style, steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size,
                        overwrite=True, seed=cfg.seed, save_precision="fp32", quantize_base=quantize_base,
-                       data=DataConfig(data=EXAMPLES / style, resolution=32, bucket_step=32, reg_data=reg_data),
-                       adapter=AdapterConfig(rank=cfg.rank, preset=cfg.preset))
+                       data=DataConfig(data=data or EXAMPLES / style, resolution=32, bucket_step=32, reg_data=reg_data),
+                       adapter=AdapterConfig(rank=cfg.rank, preset=cfg.preset, train_embedding=list(train_embedding)))
     return train(tcfg)
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from . import embeddings
 from .config import Params
 from .errors import ConfigError, FormatError
 from .lorafile import Fit, LoraFile, fit, peek_lora, read_lora, trigger_words
@@ -162,7 +163,7 @@ class LoraLibrary:
         ok = lf.family in (None, self.family)
         problem = "" if ok else f"made for {lf.family}, the base is {self.family}"
         rank = Counter(m.rank for m in lf.modules.values()).most_common(1)[0][0]
-        return LoraInfo(name, real, lf.family, rank, lf.kind, trigger_words(real, lf.metadata), weight, preview, ok,
+        return LoraInfo(name, real, lf.family, rank, lf.kind, trigger_words(real, lf.metadata, lf.bundles), weight, preview, ok,
                         problem)
 
     def get(self, name: str) -> LoraInfo:
@@ -218,6 +219,8 @@ class Engine:
         self._backup: dict[tuple[str, str], torch.Tensor] = {}  # (component, path) -> original weight
         self._merged: tuple = ()  # what is merged into the weights now
         self._exact: tuple = ()
+        self._tokens: tuple = ()  # the bundled tokens in the tokenizers now: ((token, file key), ...)
+        self._installed = None  # and what put them there (sdlora.embeddings.Installed)
 
     # ------------------------------------------------------------ files and adapters
 
@@ -262,6 +265,7 @@ class Engine:
             raise ConfigError(f"the base is quantized ({self.quantized}), so a LoRA cannot be merged into its weights: "
                               "use exact mode (LyCORIS LoHa/LoKr and LoCon with a Tucker core can only be merged, "
                               "so they need a full-precision base)")
+        self._set_tokens(resolved)
         merged = [(i, k, f) for i, k, lf, f in resolved if mode == "fast" or not lf.plain]
         exact = [(i, k, f) for i, k, lf, f in resolved if mode == "exact" and lf.plain]
         self._merge(merged)
@@ -304,6 +308,32 @@ class Engine:
         weights = [{"unet": i.unet, **{c: i.te_weight for c in comps}} for i, _, _ in items]
         self.pipe.set_adapters([self._adapter_name(k) for _, k, _ in items], weights)
         self._exact = state
+
+    def _set_tokens(self, resolved: list[tuple[BlendItem, tuple, LoraFile, Fit]]) -> None:
+        """The blend's bundled embeddings in the tokenizers and text encoders, and no others: the base's own
+        tokenizers and embedding modules come back when a LoRA with tokens leaves the blend."""
+        owner: dict[str, tuple[tuple, LoraFile]] = {}
+        for _, key, lf, _ in resolved:
+            for token in lf.bundles:
+                if token in owner and owner[token][0] != key:
+                    raise FormatError(f"{owner[token][1].path} and {lf.path} both bundle an embedding for the token "
+                                      f"{token!r}; blend only one of them")
+                owner[token] = (key, lf)
+        state = tuple((t, k) for t, (k, _) in owner.items())
+        if state == self._tokens:
+            return
+        vectors = {}
+        for token, (_, lf) in owner.items():  # checked against the base before anything changes
+            vectors[token] = embeddings.bundle_vectors(lf.path, {token: lf.bundles[token]}, self.base)[token]
+        if self._installed is not None:
+            embeddings.remove(self.base, self._installed)
+            self._installed, self._tokens = None, ()
+        if vectors:
+            self._installed = embeddings.install(self.base, vectors, {t: str(lf.path) for t, (_, lf) in owner.items()})
+            self._tokens = state
+        self.pipe.tokenizer = self.base.tokenizers[0]
+        if self.base.is_sdxl:
+            self.pipe.tokenizer_2 = self.base.tokenizers[1]
 
     @torch.no_grad()
     def _merge(self, items: list[tuple[BlendItem, tuple, Fit]]) -> None:
@@ -362,7 +392,8 @@ class Engine:
         self._backup.clear()
 
     def clear(self) -> None:
-        """No LoRA: merged weights restored from the backup, adapters disabled."""
+        """No LoRA: merged weights restored from the backup, adapters disabled, bundled tokens removed."""
+        self._set_tokens([])
         self._merge([])
         self._set_exact([])
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .embeddings import split_bundles
 from .errors import FormatError
 from .formats import kohya_module
 from .metadata import FAMILY_OF_VERSION, data_hash
@@ -110,6 +111,7 @@ class LoraFile:
     family_source: str  # metadata, shapes, unknown
     raw: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
     sha256: str = ""  # of the tensor data (kohya's sshs_model_hash; A1111 shows the first 12 digits); "" when peeked
+    bundles: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # bundled embeddings: token -> tensors
 
     @property
     def kind(self) -> str:
@@ -138,15 +140,15 @@ def peek_lora(path: Path) -> LoraFile:
     return _parsed(path, tensors, meta)
 
 
-def trigger_words(path: Path, meta: dict[str, str]) -> list[str]:
-    """The metadata's trigger phrase, else the A1111 sidecar's `activation text`."""
+def trigger_words(path: Path, meta: dict[str, str], bundles=()) -> list[str]:
+    """The metadata's trigger phrase, else the A1111 sidecar's `activation text`; bundled tokens always."""
     triggers = [t.strip() for t in meta.get("modelspec.trigger_phrase", "").split(",") if t.strip()]
     sidecar = Path(path).with_suffix(".json")
     if not triggers and sidecar.is_file():
         with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError, AttributeError, OSError):
             text = json.loads(sidecar.read_text(encoding="utf-8")).get("activation text", "")
             triggers = [t.strip() for t in str(text).split(",") if t.strip()]
-    return triggers
+    return triggers + [t for t in bundles if t not in triggers]
 
 
 def _parsed(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> LoraFile:
@@ -164,6 +166,12 @@ def _parsed(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) 
 
 
 def _read_lora(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> LoraFile:
+    if set(tensors) in ({"emb_params"}, {"clip_l", "clip_g"}, {"string_to_param.*"}):
+        raise FormatError(f"{path}: a textual-inversion embedding, not a LoRA; put it where embeddings go "
+                          "(A1111's and ComfyUI's embeddings folder, or diffusers' load_textual_inversion)")
+    tensors, bundles = split_bundles(path, tensors)
+    if not tensors:
+        raise FormatError(f"{path}: the file holds bundled embeddings ({', '.join(bundles)}) and no LoRA module")
     keys = list(tensors)
     if all(k.startswith(KOHYA_PREFIXES) for k in keys):
         layout, modules = "kohya", _group_kohya(path, tensors)
@@ -177,7 +185,8 @@ def _read_lora(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str
                           f"keys such as {odd}")
     _apply_diffusers_alphas(path, modules, meta, layout)
     family, source = _family(modules, meta)
-    return LoraFile(path, layout, Counter(m.kind for m in modules.values()), modules, meta, family, source, tensors)
+    return LoraFile(path, layout, Counter(m.kind for m in modules.values()), modules, meta, family, source, tensors,
+                    bundles=bundles)
 
 
 def _group_kohya(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, FileModule]:

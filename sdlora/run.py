@@ -12,8 +12,9 @@ from typing import Any
 import torch
 
 from . import lora
-from .adapters import adapter_bytes, write_adapter
+from .adapters import adapter_bytes, safetensors_bytes, write_adapter
 from .config import TrainConfig
+from .embeddings import bundle_tensors, textual_inversion_tensors
 from .logs import write_csv
 from .metadata import training_metadata
 from .models import Base
@@ -33,6 +34,9 @@ class Run:
     report: Any  # the scanned data folder (sdlora.data.ScanReport)
     name: str
     reg: Any = None  # the scanned regularisation folder, when there is one
+    pivot: Any = None  # the new tokens of --train-embedding (sdlora.embeddings.Installed)
+    fixed_vectors: list | None = None  # their vectors once --embedding-steps have passed
+    text_cache: dict | None = None  # caption -> text embeddings, when they are fixed
     started: float = field(default_factory=time.time)
     base: Base | None = None
     trained_tes: list[int] = field(default_factory=list)  # indices of the text encoders that get LoRA
@@ -63,9 +67,29 @@ class Run:
         return self.report.items + (self.reg.items if self.reg else [])
 
     @property
+    def new_tokens(self) -> dict[str, int]:
+        """--train-embedding's tokens and their vector counts."""
+        from .embeddings import parse_spec
+
+        return dict(parse_spec(s) for s in self.cfg.adapter.train_embedding)
+
+    @property
+    def text_models(self) -> list[int]:
+        """Indices of the text encoders that train: LoRA on them, or new tokens in them."""
+        return list(range(len(self.base.text_encoders))) if self.pivot else self.trained_tes
+
+    @property
+    def trains_text(self) -> bool:
+        """Whether this step's loss reaches into the text encoders."""
+        return bool(self.trained_tes) or (self.pivot is not None and self.fixed_vectors is None)
+
+    @property
     def trigger(self) -> str:
-        """--trigger, else the one-word tags every caption shares (recorded so users and UIs know what to type)."""
-        return self.cfg.data.trigger or ", ".join(self.report.trigger_words())
+        """--trigger and the new tokens, else the one-word tags every caption shares (recorded so users and UIs
+        know what to type)."""
+        words = [w.strip() for w in self.cfg.data.trigger.split(",") if w.strip()]
+        words += [t for t in self.new_tokens if t not in words]
+        return ", ".join(words or self.report.trigger_words())
 
 
 def flat_config(cfg: TrainConfig) -> dict:
@@ -78,7 +102,7 @@ def flat_config(cfg: TrainConfig) -> dict:
 
 
 def lora_states(run: Run) -> dict[str, dict[str, torch.Tensor]]:
-    states = {"unet": lora.lora_state(run.base.unet)}
+    states = {"unet": lora.lora_state(run.base.unet)} if "unet" in run.targets else {}
     for i in run.trained_tes:
         states[COMPONENT_NAMES[i]] = lora.lora_state(run.base.text_encoders[i])
     return states
@@ -119,9 +143,14 @@ def adapter_blob(run: Run) -> bytes:
             d["img_count"] += 1
         meta |= {"ss_num_reg_images": str(len(run.reg.items)), "ss_reg_dataset_dirs": json.dumps(reg_dirs),
                  "ss_prior_loss_weight": str(cfg.prior_loss_weight)}
+    if cfg.adapter.embedding_only:  # a textual inversion: A1111's and ComfyUI's embedding files
+        (token, vectors), = run.pivot.vectors().items()
+        return safetensors_bytes(textual_inversion_tensors(vectors, base.family),
+                               {**meta, "sdlora_token": token, "sdlora_vectors": str(vectors[0].shape[0])})
+    bundles = bundle_tensors(run.pivot.vectors(), base.family) if run.pivot else {}
     return adapter_bytes(lora_states(run), family=base.family, rank=cfg.adapter.rank, alpha=cfg.adapter.lora_alpha,
                          targets=run.targets, layout=cfg.format, precision=cfg.save_precision, metadata=meta,
-                         unet_config=base.unet.config)
+                         unet_config=base.unet.config, extra=bundles)
 
 
 def checkpoint(run: Run) -> None:
@@ -136,7 +165,10 @@ def checkpoint(run: Run) -> None:
 
 def save_run_state(run: Run) -> None:
     """The resumable state at this step (the config goes with it, so a resume can refuse changed settings)."""
-    save_state(state_path(run.out, run.name, run.step), step=run.step, lora=lora_states(run), optimizer=run.optimizer,
+    states = lora_states(run)
+    if run.pivot:
+        states["embeddings"] = {str(i): p.detach() for i, p in enumerate(run.pivot.parameters())}
+    save_state(state_path(run.out, run.name, run.step), step=run.step, lora=states, optimizer=run.optimizer,
                scheduler=run.scheduler, extra={"config": flat_config(run.cfg)})
 
 

@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import lora
+from . import embeddings, lora
 from .adapters import write_adapter
 from .config import TrainConfig
 from .data import scan_folder
 from .data.dataset import EpochPlan, Slot, TrainDataset, collate, latent_cache_key, seeded, to_training_image
-from .errors import ConfigError, MissingDependencyError
+from .errors import ConfigError, DataError, MissingDependencyError
 from .logs import plot_loss, read_csv, write_csv
 from .models import Base, load_base
 from .run import (
@@ -71,12 +71,14 @@ def train(cfg: TrainConfig, *, progress: bool = False) -> TrainResult:
                           "run would replace it; pass --overwrite to allow that, or copy it away first")
     optimizer_cls = _optimizer_class(cfg.optimizer)
     base_params, params = _load_and_inject(run)
-    dataset, plan, text_cache = _dataset_and_caches(run)
+    dataset, plan = _dataset_and_caches(run)
     micro_per_epoch = plan.batches_per_epoch
     total_steps = cfg.steps or math.ceil(cfg.epochs * micro_per_epoch / cfg.grad_accum)
     unet, text_encoders, models = _optimizer_and_prepare(run, optimizer_cls, params, total_steps)
     if resume_from is not None:
         _resume(run, resume_from, total_steps)
+    if run.pivot and cfg.embedding_steps and run.step >= cfg.embedding_steps:
+        _fix_embeddings(run, dataset)
     if run.main:
         run.out.mkdir(parents=True, exist_ok=True)
         hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat_config(cfg).items()}
@@ -103,16 +105,21 @@ def train(cfg: TrainConfig, *, progress: bool = False) -> TrainResult:
             torch.manual_seed(seeded(cfg.seed, "step", micro, accelerator.process_index))  # LoRA dropout
             with accelerator.accumulate(*models):
                 loss = _batch_loss(batch, base, unet, text_encoders, noise_scheduler, cfg, accelerator.device,
-                                   weight_dtype, text_cache, bool(run.trained_tes))
+                                   weight_dtype, run.text_cache, run.trains_text)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                 run.optimizer.step()
                 run.optimizer.zero_grad(set_to_none=True)
+                if run.fixed_vectors is not None:  # the embeddings' steps are over: they stay as they were then
+                    for p, v in zip(run.pivot.parameters(), run.fixed_vectors, strict=True):
+                        p.data.copy_(v)
             micro += 1
             accum_losses.append(loss.detach())
             if accelerator.sync_gradients:
                 _end_of_step(run, accum_losses, bar, total_steps)
+                if run.pivot and run.step == cfg.embedding_steps:
+                    _fix_embeddings(run, dataset)
                 if run.step >= total_steps:
                     break
     bar.close()
@@ -124,6 +131,9 @@ def train(cfg: TrainConfig, *, progress: bool = False) -> TrainResult:
     blob = adapter_blob(run)
     if run.main:
         write_adapter(run.final_path, blob)
+        if cfg.adapter.embedding_only:
+            log.info(f"{run.final_path} is a textual-inversion embedding: A1111 and ComfyUI use it when the prompt "
+                     f"holds its file name ({run.name}); diffusers: pipe.load_textual_inversion(path, token=...)")
         if cfg.save_every:  # the end is resumable too: `--resume latest --steps MORE` trains on from here
             save_run_state(run)
         write_sidecars(run)
@@ -185,6 +195,10 @@ def _start(cfg: TrainConfig) -> Run:
         reg = scan_folder(cfg.data.reg_data, resolution=cfg.data.resolution, bucket_step=cfg.data.bucket_step,
                           bucket=cfg.data.bucket, upscale=cfg.data.upscale, reg=True)
     run = Run(cfg, accelerator, report, adapter_name(cfg), reg=reg)
+    for token in run.new_tokens:
+        if not any(token in item.caption for item in report.items):
+            raise DataError(f"--train-embedding {token}: no caption in {report.root} holds {token!r}, so its "
+                            f"embedding would never train; write it in the captions, or pass --trigger {token}")
     if run.main:
         for w in report.warnings + (reg.warnings if reg else []):
             log.warning(w)
@@ -213,7 +227,7 @@ def _load_and_inject(run: Run) -> tuple[int, list[torch.nn.Parameter]]:
         for m in [base.unet, *base.text_encoders]:
             m.to(device, dtype=weight_dtype)
             quant.quantize(m, cfg.quantize_base)
-    run.targets = {"unet": lora.inject(base.unet, cfg.adapter, "unet")}
+    run.targets = {} if cfg.adapter.embedding_only else {"unet": lora.inject(base.unet, cfg.adapter, "unet")}
     run.trained_tes = list(range(len(base.text_encoders))) if cfg.adapter.train_text_encoder else []
     for i in run.trained_tes:
         exclude = lora.unreachable(base.text_encoders[i], base.family, COMPONENT_NAMES[i])
@@ -225,9 +239,15 @@ def _load_and_inject(run: Run) -> tuple[int, list[torch.nn.Parameter]]:
                                                 for p in lora.lora_parameters(base.text_encoders[i])]
     for p in params:
         p.data = p.data.float()
+    if run.new_tokens:  # pivotal tuning: the new tokens' vectors (fp32, on the device) train with the LoRA
+        run.pivot = embeddings.install(base, {t: embeddings.initial_vectors(base, n, cfg.adapter.embedding_init)
+                                              for t, n in run.new_tokens.items()}, "--train-embedding")
+        for p in run.pivot.parameters():
+            p.requires_grad_(True)
+        params += run.pivot.parameters()
     if cfg.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
-        for i in run.trained_tes:
+        for i in run.text_models:
             _checkpoint_text_encoder(base.text_encoders[i])
     return base_params, params
 
@@ -239,15 +259,35 @@ def _dataset_and_caches(run: Run):
     plan = EpochPlan(items, cfg.batch_size, run.accelerator.num_processes, cfg.seed)
     if cfg.cache_latents and not cfg.data.augments_images:
         dataset.latents = _cache_latents(dataset, base, cfg, run.accelerator)
-    text_cache = None
-    if cfg.cache_text and not run.trained_tes and not cfg.data.varies_captions:
-        captions = sorted({dataset.caption(Slot(i, 0, 0)) for i in range(len(items))})
-        with torch.no_grad():
-            text_cache = {c: tuple(None if t is None else t[0]
-                                   for t in _encode_text(base, base.text_encoders, [c], run.accelerator.device))
-                          for c in captions}
-    _release_encoders(base, dataset.latents is not None, text_cache is not None, bool(cfg.sample_prompt))
-    return dataset, plan, text_cache
+    if not run.pivot:  # (while embeddings train, the text changes every step: cached once they stop)
+        run.text_cache = _text_cache(run, dataset)
+    _release_encoders(base, dataset.latents is not None, run.text_cache is not None, bool(cfg.sample_prompt))
+    return dataset, plan
+
+
+def _text_cache(run: Run, dataset: TrainDataset) -> dict | None:
+    """Every caption's text embeddings, computed once, when the settings let them stay fixed."""
+    cfg, base = run.cfg, run.base
+    if not cfg.cache_text or run.trained_tes or cfg.data.varies_captions:
+        return None
+    captions = sorted({dataset.caption(Slot(i, 0, 0)) for i in range(len(dataset.items))})
+    with torch.no_grad():
+        return {c: tuple(None if t is None else t[0]
+                         for t in _encode_text(base, base.text_encoders, [c], run.accelerator.device))
+                for c in captions}
+
+
+def _fix_embeddings(run: Run, dataset: TrainDataset) -> None:
+    """--embedding-steps reached: the new tokens keep their vectors from here on, and the text cache comes on."""
+    run.fixed_vectors = [p.detach().clone() for p in run.pivot.parameters()]
+    for p in run.pivot.parameters():
+        p.grad = None
+    run.text_cache = _text_cache(run, dataset)
+    if run.text_cache is not None:
+        _release_encoders(run.base, False, True, True)
+    if run.main:
+        log.info(f"step {run.step}: the new tokens' embeddings are fixed from here on"
+                 + (" (text embeddings cached)" if run.text_cache is not None else ""))
 
 
 def _optimizer_and_prepare(run: Run, optimizer_cls, params, total_steps: int):
@@ -255,10 +295,13 @@ def _optimizer_and_prepare(run: Run, optimizer_cls, params, total_steps: int):
     optimizer handed to accelerate. Returns the UNet and text encoders to call, and the trained models."""
     cfg, base = run.cfg, run.base
     n_unet = len(lora.lora_parameters(base.unet))
-    groups = [{"params": params[:n_unet], "lr": cfg.lr}]
-    if params[n_unet:]:
-        groups.append({"params": params[n_unet:],
+    n_emb = len(run.pivot.parameters()) if run.pivot else 0
+    groups = [{"params": params[:n_unet], "lr": cfg.lr}] if n_unet else []
+    if params[n_unet:len(params) - n_emb]:
+        groups.append({"params": params[n_unet:len(params) - n_emb],
                        "lr": cfg.text_encoder_lr if cfg.text_encoder_lr is not None else cfg.lr})
+    if n_emb:
+        groups.append({"params": params[len(params) - n_emb:], "lr": cfg.embedding_lr, "weight_decay": 0.0})
     # torch's fused AdamW: the same update in one kernel over all LoRA tensors instead of a Python loop over them
     # (on 2 CPU cores, 128 small tensors: 1.5 ms a step against 7.4 ms).
     fused = {"fused": True} if optimizer_cls is torch.optim.AdamW else {}
@@ -268,7 +311,7 @@ def _optimizer_and_prepare(run: Run, optimizer_cls, params, total_steps: int):
     run.scheduler = get_scheduler(cfg.lr_scheduler if cfg.lr_scheduler != "constant" or not cfg.warmup_steps
                                   else "constant_with_warmup", optimizer, num_warmup_steps=cfg.warmup_steps,
                                   num_training_steps=total_steps)
-    models = [base.unet] + [base.text_encoders[i] for i in run.trained_tes]
+    models = ([] if cfg.adapter.embedding_only else [base.unet]) + [base.text_encoders[i] for i in run.text_models]
     if run.accelerator.num_processes > 1:
         # Every process loaded the same frozen base, so DDP need not broadcast it at start (gigabytes for SDXL), and
         # cannot for a quantized one (torchao's tensors have no view for the broadcast): it syncs the LoRA only.
@@ -278,10 +321,11 @@ def _optimizer_and_prepare(run: Run, optimizer_cls, params, total_steps: int):
             frozen = [n for n, p in m.named_parameters() if not p.requires_grad] + [n for n, _ in m.named_buffers()]
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(m, frozen)
     *models, run.optimizer = run.accelerator.prepare(*models, optimizer)
+    unet = base.unet if cfg.adapter.embedding_only else models[0]
     text_encoders = list(base.text_encoders)
-    for i, m in zip(run.trained_tes, models[1:], strict=True):
+    for i, m in zip(run.text_models, models[len(models) - len(run.text_models):], strict=True):
         text_encoders[i] = m
-    return models[0], text_encoders, models
+    return unet, text_encoders, models
 
 
 def adapter_name(cfg: TrainConfig) -> str:
@@ -344,8 +388,9 @@ def _resume_path(cfg: TrainConfig, out: Path, name: str) -> Path | None:
     return path
 
 
-RESUME_KEYS = ("base", "data", "reg_data", "prior_loss_weight", "seed", "batch_size", "grad_accum", "rank", "alpha", "preset", "train_text_encoder",
-               "resolution", "lr", "lr_scheduler", "warmup_steps", "optimizer")
+RESUME_KEYS = ("base", "data", "reg_data", "prior_loss_weight", "seed", "batch_size", "grad_accum", "rank", "alpha",
+               "preset", "train_text_encoder", "train_embedding", "embedding_only", "resolution", "lr", "lr_scheduler",
+               "warmup_steps", "optimizer")
 
 
 def _resume(run: Run, path: Path, total_steps: int) -> None:
@@ -364,7 +409,11 @@ def _resume(run: Run, path: Path, total_steps: int) -> None:
     if changed:
         k = changed[0]
         raise ConfigError(f"cannot resume from {path}: {k} was {saved[k]!r} and is now {flat.get(k)!r}")
-    lora.set_lora_state(run.base.unet, state["lora"]["unet"])
+    if "unet" in run.targets:
+        lora.set_lora_state(run.base.unet, state["lora"]["unet"])
+    if run.pivot:
+        for i, p in enumerate(run.pivot.parameters()):
+            p.data.copy_(state["lora"]["embeddings"][str(i)])
     for i in run.trained_tes:
         lora.set_lora_state(run.base.text_encoders[i], state["lora"][COMPONENT_NAMES[i]])
     run.optimizer.load_state_dict(state["optimizer"])
@@ -457,7 +506,8 @@ def _encode_text(base: Base, text_encoders, captions: list[str], device) -> tupl
     layers concatenated, and the second encoder's pooled projection."""
     hidden, pooled = [], None
     for tok, te in zip(base.tokenizers, text_encoders, strict=True):
-        ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+        texts = [embeddings.expand(c, embeddings.tokenizer_vectors(tok)) for c in captions]
+        ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
                   return_tensors="pt").input_ids.to(device)
         if base.is_sdxl:
             outputs = te(ids, output_hidden_states=True)

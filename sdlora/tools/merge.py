@@ -7,12 +7,13 @@ reported. LoHa and LoKr have no factors to concatenate, so a merge that includes
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..convert import reference
+from ..embeddings import bundle_raw
 from ..errors import FormatError
 from ..lorafile import read_lora
 from .updates import Update, check_rank, lora_bytes, low_rank, read_updates, summary_metadata, write_new
@@ -36,6 +37,7 @@ class MergeResult:
     family: str
     unet_config: object
     metadata: dict[str, str]
+    bundles: dict = field(default_factory=dict)  # every file's bundled embeddings
 
 
 def merge(items: list[Item], rank: int | None = None, base: str | None = None, models=None) -> MergeResult:
@@ -45,12 +47,18 @@ def merge(items: list[Item], rank: int | None = None, base: str | None = None, m
     first = read_lora(items[0].path)
     models, family, ref_name = models or reference(first, base)
     per_module: dict[tuple[str, str], list[tuple[float, Update]]] = {}
-    sources = []
+    sources, bundles, bundled_by = [], {}, {}
     for item in items:
         lf, updates = read_updates(item.path, models, family, ref_name)
         if lf.family not in (None, family):
             raise FormatError(f"{item.path} is for {lf.family}, {items[0].path} for {family}: mixed families "
                               "cannot be merged")
+        for token in lf.bundles:
+            if token in bundled_by:
+                raise FormatError(f"{bundled_by[token]} and {item.path} both bundle an embedding for {token!r}; "
+                                  "merge them without one of the two, or rename the token in one")
+            bundled_by[token] = item.path
+        bundles |= bundle_raw(lf.bundles)
         sources.append({"file": Path(item.path).name, "short_hash": lf.sha256[:12], "unet": item.unet,
                         "te": item.te_weight})
         for u in updates:
@@ -74,9 +82,9 @@ def merge(items: list[Item], rank: int | None = None, base: str | None = None, m
             errors[f"{component}.{path}"] = err
     meta = summary_metadata(first.metadata, merged, sdlora_merged_from=sources,
                             sdlora_merge_rank="concatenated (exact)" if rank is None else str(rank))
-    return MergeResult(merged, errors, family, models["unet"].config, meta)
+    return MergeResult(merged, errors, family, models["unet"].config, meta, bundles)
 
 
 def write_merge(result: MergeResult, out: Path, overwrite: bool = False, layout: str = "kohya") -> Path:
-    return write_new(out, lora_bytes(result.updates, result.family, result.unet_config, result.metadata, layout),
-                     overwrite)
+    return write_new(out, lora_bytes(result.updates, result.family, result.unet_config, result.metadata, layout,
+                                     result.bundles), overwrite)

@@ -7,10 +7,11 @@ source at the same weight and trains on with the same learning rate.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..convert import reference
+from ..embeddings import bundle_raw
 from ..errors import ConfigError
 from ..lorafile import read_lora
 from .updates import Update, check_rank, lora_bytes, low_rank, read_updates, summary_metadata, write_new
@@ -24,6 +25,7 @@ class ResizeResult:
     unet_config: object
     metadata: dict[str, str]
     bytes_before: int
+    bundles: dict = field(default_factory=dict)  # the file's bundled embeddings, kept as they are
 
 
 def resize(path: Path, rank: int | None = None, energy: float | None = None, base: str | None = None) -> ResizeResult:
@@ -49,8 +51,10 @@ def resize(path: Path, rank: int | None = None, energy: float | None = None, bas
     meta = summary_metadata(lf.metadata, out, sdlora_resized_from={"file": Path(path).name,
                                                                    "short_hash": lf.sha256[:12]},
                             sdlora_resize=decisions)
-    return ResizeResult(out, rows, family, models["unet"].config, meta, Path(path).stat().st_size)
+    return ResizeResult(out, rows, family, models["unet"].config, meta, Path(path).stat().st_size,
+                        bundle_raw(lf.bundles))
 
 
 def write_resize(result: ResizeResult, out: Path, overwrite: bool = False) -> Path:
-    return write_new(out, lora_bytes(result.updates, result.family, result.unet_config, result.metadata), overwrite)
+    return write_new(out, lora_bytes(result.updates, result.family, result.unet_config, result.metadata,
+                                     extra=result.bundles), overwrite)

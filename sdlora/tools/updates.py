@@ -101,8 +101,9 @@ def check_rank(u: Update, rank: int) -> None:
 
 
 def lora_bytes(updates: list[Update], family: str, unet_config, metadata: dict[str, str],
-               layout: str = "kohya") -> bytes:
-    """Updates with factors as one LoRA file (fp32), per-module ranks and alphas kept, hashes filled in."""
+               layout: str = "kohya", extra: dict[str, torch.Tensor] | None = None) -> bytes:
+    """Updates with factors as one LoRA file (fp32), per-module ranks and alphas kept, hashes filled in; `extra`
+    tensors (bundled embeddings) as they are."""
     from safetensors.torch import save
 
     states: dict[str, dict[str, torch.Tensor]] = {}
@@ -125,7 +126,7 @@ def lora_bytes(updates: list[Update], family: str, unet_config, metadata: dict[s
         meta["lora_adapter_metadata"] = formats.diffusers_adapter_metadata(ranks, alphas, targets)
     else:
         raise FormatError(f"unknown layout {layout!r}; choose kohya or diffusers")
-    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    tensors = {k: v.contiguous() for k, v in (tensors | (extra or {})).items()}
     blob = save(tensors, metadata=meta)
     return save(tensors, metadata={**meta, "sshs_model_hash": data_hash(blob)})
 
