@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from . import formats
+from .errors import TrainingError
 from .metadata import data_hash
 from .safefiles import atomic_write_bytes
 
@@ -27,8 +28,14 @@ def adapter_bytes(states: dict[str, dict[str, torch.Tensor]], *, family: str, ra
 
 
 def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
-    """Tensors to safetensors bytes with kohya's hash of the tensor data in the metadata."""
+    """Tensors to safetensors bytes with kohya's hash of the tensor data in the metadata. Nothing non-finite is
+    ever written: such a file would only fail later, in every program that loads it."""
     from safetensors.torch import save
+
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise TrainingError(f"refusing to write an adapter with NaN or Inf values (in {bad[0]} and "
+                            f"{len(bad) - 1} more); the training diverged, lower the learning rate")
 
     blob = save(tensors, metadata=metadata)
     # The tensor bytes do not depend on the metadata, so the hash of this blob holds for the final one.

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import DemoConfig, Params, StudioConfig, build_config, default_of, load_toml, option_fields
-from .errors import SdloraError
+from .errors import Interrupted, SdloraError
 from .schedulers import SCHEDULERS
 from .toy.render import STYLES
 
@@ -429,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:
     except SdloraError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

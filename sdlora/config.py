@@ -63,6 +63,9 @@ class DataConfig:
             self.reg_data = Path(self.reg_data)
         _positive("resolution", self.resolution)
         _positive("bucket_step", self.bucket_step)
+        if self.bucket_step > self.resolution:
+            raise ConfigError(f"bucket_step ({self.bucket_step}) is larger than resolution ({self.resolution}), so no "
+                              f"bucket fits; pass a --bucket-step of at most {self.resolution} (a multiple of 8)")
         if self.resolution % 8:
             raise ConfigError(f"resolution must be a multiple of 8, got {self.resolution}")
         if not 0.0 <= self.caption_dropout <= 1.0:
@@ -133,6 +136,7 @@ class TrainConfig:
     weight_decay: float = opt(1e-2, "Weight decay.")
     lr_scheduler: str = opt("constant", "Learning-rate schedule.", choices=LR_SCHEDULERS)
     warmup_steps: int = opt(0, "Linear warmup steps.")
+    nan_policy: str = opt("stop", "When a step's loss or gradients are not finite: stop the run there (keeping the last good checkpoint), or skip the step.", choices=("stop", "skip"))
     max_grad_norm: float = opt(1.0, "Gradient clipping norm (0: off).")
     mixed_precision: str = opt("no", "Mixed precision on CUDA (fp32 is used on the CPU).", choices=MIXED_PRECISION)
     gradient_checkpointing: bool = opt(False, "Trade compute for memory.")

@@ -21,5 +21,17 @@ class FormatError(SdloraError):
     """A LoRA or state file is malformed, unsafe or does not fit the base."""
 
 
+class TrainingError(SdloraError):
+    """A run cannot go on (a loss that is no longer finite); the message says what was kept."""
+
+
+class Interrupted(Exception):
+    """A run stopped by a signal after saving; the CLI exits with 128 + the signal's number."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
 class MissingDependencyError(SdloraError):
     """An optional package is needed for the requested feature."""

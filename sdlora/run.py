@@ -3,6 +3,7 @@ A1111 sidecars). `train.py` holds the loop; this module is what the loop leaves 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -37,6 +38,8 @@ class Run:
     pivot: Any = None  # the new tokens of --train-embedding (sdlora.embeddings.Installed)
     fixed_vectors: list | None = None  # their vectors once --embedding-steps have passed
     text_cache: dict | None = None  # caption -> text embeddings, when they are fixed
+    skipped: int = 0  # steps passed over for a loss or gradient that was not finite (--nan-policy skip)
+    interrupted: int = 0  # the signal (SIGINT, SIGTERM) that asked the run to save and stop
     started: float = field(default_factory=time.time)
     base: Base | None = None
     trained_tes: list[int] = field(default_factory=list)  # indices of the text encoders that get LoRA
@@ -157,19 +160,32 @@ def checkpoint(run: Run) -> None:
     """An intermediate adapter `NAME-stepNNNNNN.safetensors` plus the state `--resume` continues from."""
     blob = adapter_blob(run)
     if run.main:
-        write_adapter(run.out / f"{run.name}-step{run.step:06d}.safetensors", blob)
-        save_run_state(run)
+        path = run.out / f"{run.name}-step{run.step:06d}.safetensors"
+        write_adapter(path, blob)
+        save_run_state(run, path, blob)
         write_csv(run.out / "logs" / "loss.csv", run.rows)
     run.accelerator.wait_for_everyone()
 
 
-def save_run_state(run: Run) -> None:
-    """The resumable state at this step (the config goes with it, so a resume can refuse changed settings)."""
+def listing_hash(run: Run) -> str:
+    """What the run's images are: each file's path, size, modification time and repeats."""
+    rows = [(str(i.path), *(lambda st: (st.st_size, st.st_mtime_ns))(Path(i.path).stat()), i.repeats, i.reg)
+            for i in run.items]
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+
+
+def save_run_state(run: Run, adapter: Path | None = None, blob: bytes | None = None) -> None:
+    """The resumable state at this step (the config goes with it, so a resume can refuse changed settings), with
+    a manifest: the adapter saved beside it and its hash, and hashes of the config and the dataset listing."""
+    manifest = {"config_sha256": hashlib.sha256(json.dumps(flat_config(run.cfg), sort_keys=True).encode()).hexdigest(),
+                "data_sha256": listing_hash(run)}
+    if adapter is not None:
+        manifest["adapter"] = {"file": Path(adapter).name, "sha256": hashlib.sha256(blob).hexdigest()}
     states = lora_states(run)
     if run.pivot:
         states["embeddings"] = {str(i): p.detach() for i, p in enumerate(run.pivot.parameters())}
     save_state(state_path(run.out, run.name, run.step), step=run.step, lora=states, optimizer=run.optimizer,
-               scheduler=run.scheduler, extra={"config": flat_config(run.cfg)})
+               scheduler=run.scheduler, extra={"config": flat_config(run.cfg)}, manifest=manifest)
 
 
 @torch.no_grad()

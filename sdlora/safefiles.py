@@ -137,6 +137,21 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # reading the umask means setting it; put it straight back
 
 
+_WRITES = [0]
+
+
+def _fault_point() -> None:
+    """Fault injection for the kill-matrix test: SDLORA_KILL_AT_WRITE=N kills this process (SIGKILL, as a power
+    cut would) after the N-th atomic write has its data on disk and before it replaces the file."""
+    at = os.environ.get("SDLORA_KILL_AT_WRITE")
+    if at:
+        _WRITES[0] += 1
+        if _WRITES[0] == int(at):
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write bytes via a temp file in the same folder and os.replace, so no reader sees half a file."""
     path = Path(path)
@@ -152,6 +167,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        _fault_point()
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

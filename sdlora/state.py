@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from .errors import FormatError
-from .safefiles import read_safetensors, write_safetensors
+from .metadata import data_hash
+from .safefiles import atomic_write_bytes, read_safetensors_bytes
 
 STATE_RE = re.compile(r"^(?P<name>.+)-step(?P<step>\d{6,})\.state\.safetensors$")
 
@@ -18,18 +19,28 @@ def state_path(output_dir: Path, name: str, step: int) -> Path:
     return Path(output_dir) / "state" / f"{name}-step{step:06d}.state.safetensors"
 
 
-def latest_state(output_dir: Path, name: str) -> Path | None:
+def states(output_dir: Path, name: str) -> list[Path]:
+    """The run's saved states, newest first."""
     folder = Path(output_dir) / "state"
     found = []
     for p in folder.glob("*.state.safetensors") if folder.is_dir() else []:
         m = STATE_RE.match(p.name)
         if m and m.group("name") == name:
             found.append((int(m.group("step")), p))
-    return max(found)[1] if found else None
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def latest_state(output_dir: Path, name: str) -> Path | None:
+    found = states(output_dir, name)
+    return found[0] if found else None
 
 
 def save_state(path: Path, *, step: int, lora: dict[str, dict[str, torch.Tensor]], optimizer, scheduler,
-               extra: dict) -> None:
+               extra: dict, manifest: dict | None = None) -> None:
+    """The state, with a manifest (step, a hash of the tensor data, and what the caller adds: the checkpoint
+    adapter's hash, the config's and the dataset listing's) that load_state verifies."""
+    from safetensors.torch import save
+
     tensors: dict[str, torch.Tensor] = {}
     for component, state in lora.items():
         for k, v in state.items():
@@ -49,13 +60,21 @@ def save_state(path: Path, *, step: int, lora: dict[str, dict[str, torch.Tensor]
         "scheduler": json.dumps(scheduler.state_dict()),
         "extra": json.dumps(extra),
     }
-    write_safetensors(path, tensors, meta)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    digest = data_hash(save(tensors, metadata=meta))  # the tensor bytes do not depend on the metadata
+    meta["manifest"] = json.dumps({"step": step, "tensors_sha256": digest, **(manifest or {})})
+    atomic_write_bytes(path, save(tensors, metadata=meta))
 
 
 def load_state(path: Path) -> dict:
-    """Read a state file into {'step', 'lora', 'optimizer', 'scheduler', 'extra'}."""
-    tensors, meta = read_safetensors(Path(path), check_finite=False)
+    """Read a state file into {'step', 'lora', 'optimizer', 'scheduler', 'extra', 'manifest'}, after checking
+    that its tensors are the ones that were written (a state from before manifests is taken as it is)."""
+    tensors, meta, blob = read_safetensors_bytes(Path(path), check_finite=False)
     try:
+        manifest = json.loads(meta.get("manifest", "{}"))
+        if manifest and (manifest.get("tensors_sha256") != data_hash(blob) or manifest.get("step") != int(meta["step"])):
+            raise FormatError(f"{path}: the state is damaged (its tensors do not match the hash it was saved "
+                              "with); resume from an earlier state")
         step = int(meta["step"])
         groups = json.loads(meta["param_groups"])
         scalars = json.loads(meta["optim_scalars"])
@@ -76,4 +95,4 @@ def load_state(path: Path) -> dict:
     for pid, vals in scalars.items():
         opt_state.setdefault(int(pid), {}).update(vals)
     return {"step": step, "lora": lora, "optimizer": {"state": opt_state, "param_groups": groups},
-            "scheduler": sched, "extra": extra}
+            "scheduler": sched, "extra": extra, "manifest": manifest}

@@ -13,6 +13,7 @@ import math
 import re
 import time
 from dataclasses import dataclass
+from glob import escape as glob_escape
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ from .adapters import write_adapter
 from .config import TrainConfig
 from .data import scan_folder
 from .data.dataset import EpochPlan, Slot, TrainDataset, collate, latent_cache_key, seeded, to_training_image
-from .errors import ConfigError, DataError, MissingDependencyError
+from .errors import ConfigError, DataError, FormatError, Interrupted, MissingDependencyError, TrainingError
 from .logs import plot_loss, read_csv, write_csv
 from .models import Base, load_base
 from .run import (
@@ -32,12 +33,13 @@ from .run import (
     adapter_blob,
     checkpoint,
     flat_config,
+    listing_hash,
     save_run_state,
     write_samples,
     write_sidecars,
 )
 from .safefiles import read_safetensors, write_safetensors
-from .state import latest_state, load_state
+from .state import latest_state, load_state, states
 
 log = logging.getLogger("sdlora")
 
@@ -54,10 +56,12 @@ class TrainResult:
     seconds: float
     losses: list[float]
     samples: list[Path]
+    skipped: int = 0  # steps passed over for a non-finite loss (--nan-policy skip)
 
     def summary(self) -> str:
         pct = 100.0 * self.trainable_params / max(1, self.base_params)
-        return (f"saved {self.adapter} ({self.adapter_bytes / 1e6:.2f} MB) after {self.steps} steps in "
+        skipped = f" ({self.skipped} skipped: loss not finite)" if self.skipped else ""
+        return (f"saved {self.adapter} ({self.adapter_bytes / 1e6:.2f} MB) after {self.steps} steps{skipped} in "
                 f"{self.seconds:.1f}s; trainable parameters {self.trainable_params:,} ({pct:.3f}% of the base's "
                 f"{self.base_params:,})")
 
@@ -94,34 +98,35 @@ def train(cfg: TrainConfig, *, progress: bool = False) -> TrainResult:
     micro = run.step * cfg.grad_accum
     loop_started = time.time()
     accum_losses: list[torch.Tensor] = []
+    step_items: list[int] = []  # the images of this step's batches, to name them if it goes wrong
     for m in models:
         m.train()
-    while run.step < total_steps:
-        run.epoch, pos = divmod(micro, micro_per_epoch)
-        batches = plan.local_batches(run.epoch, accelerator.process_index)[pos:]
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
-                                             num_workers=cfg.num_workers)
-        for batch in loader:
-            torch.manual_seed(seeded(cfg.seed, "step", micro, accelerator.process_index))  # LoRA dropout
-            with accelerator.accumulate(*models):
-                loss = _batch_loss(batch, base, unet, text_encoders, noise_scheduler, cfg, accelerator.device,
-                                   weight_dtype, run.text_cache, run.trains_text)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                run.optimizer.step()
-                run.optimizer.zero_grad(set_to_none=True)
-                if run.fixed_vectors is not None:  # the embeddings' steps are over: they stay as they were then
-                    for p, v in zip(run.pivot.parameters(), run.fixed_vectors, strict=True):
-                        p.data.copy_(v)
-            micro += 1
-            accum_losses.append(loss.detach())
-            if accelerator.sync_gradients:
-                _end_of_step(run, accum_losses, bar, total_steps)
-                if run.pivot and run.step == cfg.embedding_steps:
-                    _fix_embeddings(run, dataset)
-                if run.step >= total_steps:
-                    break
+    with _signals(run):
+        while run.step < total_steps:
+            run.epoch, pos = divmod(micro, micro_per_epoch)
+            batches = plan.local_batches(run.epoch, accelerator.process_index)[pos:]
+            loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
+                                                 num_workers=cfg.num_workers)
+            for slots, batch in zip(batches, loader, strict=True):
+                torch.manual_seed(seeded(cfg.seed, "step", micro, accelerator.process_index))  # LoRA dropout
+                with accelerator.accumulate(*models):
+                    loss = _batch_loss(batch, base, unet, text_encoders, noise_scheduler, cfg, accelerator.device,
+                                       weight_dtype, run.text_cache, run.trains_text)
+                    accelerator.backward(loss)
+                    accum_losses.append(loss.detach())
+                    step_items += [s.item for s in slots]
+                    if accelerator.sync_gradients:
+                        _optimizer_step(run, params, accum_losses, step_items)
+                micro += 1
+                if accelerator.sync_gradients:
+                    _end_of_step(run, accum_losses, bar, total_steps)
+                    step_items.clear()
+                    if run.pivot and run.step == cfg.embedding_steps:
+                        _fix_embeddings(run, dataset)
+                    if run.step >= total_steps:
+                        break
+                    if run.interrupted:
+                        _save_and_stop(run)
     bar.close()
     loop_seconds = time.time() - loop_started
 
@@ -135,14 +140,95 @@ def train(cfg: TrainConfig, *, progress: bool = False) -> TrainResult:
             log.info(f"{run.final_path} is a textual-inversion embedding: A1111 and ComfyUI use it when the prompt "
                      f"holds its file name ({run.name}); diffusers: pipe.load_textual_inversion(path, token=...)")
         if cfg.save_every:  # the end is resumable too: `--resume latest --steps MORE` trains on from here
-            save_run_state(run)
+            save_run_state(run, run.final_path, blob)
         write_sidecars(run)
         write_csv(run.out / "logs" / "loss.csv", run.rows)
         plot_loss(run.out / "loss.png", run.rows)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(run.final_path, run.name, run.step, loop_seconds, sum(p.numel() for p in params), base_params,
-                       len(blob), time.time() - run.started, [r[1] for r in run.rows], run.samples)
+                       len(blob), time.time() - run.started, [r[1] for r in run.rows], run.samples, run.skipped)
+
+
+def _optimizer_step(run: Run, params: list[torch.nn.Parameter], losses: list[torch.Tensor], items: list[int]) -> None:
+    """Clip, check and step. A loss or gradient that is not finite never reaches the weights: the run stops there
+    (naming the step, learning rate and images), or with --nan-policy skip the step is passed over and counted.
+    All processes take the same decision, from one read per step (the only per-step wait for the device)."""
+    cfg, accelerator = run.cfg, run.accelerator
+    bad = ~torch.isfinite(torch.stack(losses)).all()
+    if accelerator.scaler is None:  # (under fp16 the grad scaler owns overflowing gradients: it skips and rescales)
+        norm = (accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else
+                torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+        bad = bad | ~torch.isfinite(norm)
+    elif cfg.max_grad_norm > 0:
+        accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+    flags = torch.stack([bad.float(), torch.tensor(float(run.interrupted), device=bad.device)])
+    if accelerator.num_processes > 1:
+        flags = accelerator.gather(flags).reshape(-1, 2).amax(0)
+    bad, run.interrupted = bool(flags[0] > 0), int(flags[1])
+    if bad:
+        _non_finite(run, items)
+    else:
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.fixed_vectors is not None:  # the embeddings' steps are over: they stay as they were then
+        for p, v in zip(run.pivot.parameters(), run.fixed_vectors, strict=True):
+            p.data.copy_(v)
+
+
+def _non_finite(run: Run, items: list[int]) -> None:
+    cfg = run.cfg
+    names = ", ".join(sorted({Path(run.items[i].path).name for i in items}))
+    what = (f"step {run.step + 1}: the loss or the gradients are not finite (NaN or Inf) at learning rate "
+            f"{run.scheduler.get_last_lr()[0]:.3g}; this step's images: {names}")
+    if cfg.nan_policy == "skip":
+        run.skipped += 1
+        if run.main:
+            log.warning(f"{what}; step skipped (--nan-policy skip), {run.skipped} so far")
+        return
+    state = latest_state(run.out, run.name)
+    adapters = sorted(run.out.glob(f"{glob_escape(run.name)}-step*.safetensors"))
+    kept = (f"the last good adapter is {adapters[-1]} and state {state} (continue with --resume latest)"
+            if state else "nothing was saved before it (use --save-every N to keep checkpoints)")
+    raise TrainingError(f"{what}. The run stopped there and wrote nothing for it; {kept}. Lower --lr, keep "
+                        "--max-grad-norm above 0, or pass --nan-policy skip to pass over such steps")
+
+
+@contextlib.contextmanager
+def _signals(run: Run):
+    """Ctrl-C or SIGTERM during the loop: save an adapter and a resumable state at the end of the step, then stop
+    (exit 130 or 143); a second one stops at once, leaving the last checkpoint as it was."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # (signals reach the main thread only)
+        yield
+        return
+
+    def handler(signum, frame):
+        if run.interrupted:
+            raise KeyboardInterrupt
+        run.interrupted = signum
+        if run.main:
+            log.warning(f"{signal.Signals(signum).name}: saving at the end of this step; press Ctrl-C again to stop "
+                        "at once without saving")
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _save_and_stop(run: Run) -> None:
+    import signal
+
+    checkpoint(run)
+    name = signal.Signals(run.interrupted).name
+    raise Interrupted(run.interrupted, f"{name}: stopped after step {run.step}; saved "
+                      f"{run.out / f'{run.name}-step{run.step:06d}.safetensors'} and its state; continue with "
+                      "--resume latest")
 
 
 LOG_EVERY = 10  # steps between reading losses back from the device (each read waits for the device to finish)
@@ -377,11 +463,18 @@ def _optimizer_class(name: str):
 def _resume_path(cfg: TrainConfig, out: Path, name: str) -> Path | None:
     if not cfg.resume:
         return None
-    if cfg.resume == "latest":
-        path = latest_state(out, name)
-        if path is None:
+    if cfg.resume == "latest":  # the newest state that reads back whole; a damaged one is passed over, and said
+        found = states(out, name)
+        if not found:
             raise ConfigError(f"--resume latest: no saved state for {name!r} in {out / 'state'} (use --save-every N)")
-        return path
+        for path in found:
+            try:
+                load_state(path)
+                return path
+            except FormatError as e:
+                log.warning(f"--resume latest: {e}; trying the state before it")
+        raise ConfigError(f"--resume latest: every saved state of {name!r} in {out / 'state'} is damaged "
+                          "(see the warnings); start afresh without --resume")
     path = Path(cfg.resume)
     if not path.is_file():
         raise ConfigError(f"--resume: state file not found: {path}")
@@ -399,6 +492,9 @@ def _resume(run: Run, path: Path, total_steps: int) -> None:
     state = load_state(path)
     flat = flat_config(run.cfg)
     saved = state["extra"].get("config", {})
+    if state["manifest"].get("data_sha256", listing_hash(run)) != listing_hash(run) and run.main:
+        log.warning(f"the images in {run.cfg.data.data} changed since {path} was saved (added, removed or edited "
+                    "files): the run continues on them as they are now, so it will not match an uninterrupted one")
 
     def same(k):
         if k in ("data", "reg_data") and saved[k] and flat.get(k):  # the same folder, however it was spelled

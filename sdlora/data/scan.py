@@ -7,6 +7,7 @@ times with `name` as the class token for uncaptioned images.
 
 from __future__ import annotations
 
+import codecs
 import math
 import re
 from collections import Counter
@@ -93,15 +94,23 @@ class ScanReport:
         return "\n".join(lines)
 
 
+BOMS = [(codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF16_LE, "utf-16"),
+        (codecs.BOM_UTF16_BE, "utf-16")]  # (UTF-32 LE's BOM begins with UTF-16 LE's, so it is tried first)
+
+
 def read_caption(image: Path) -> str | None:
     """The caption beside an image, or None when it has none. Raises DataError for undecodable text."""
     for ext in CAPTION_EXTS:
         cap = image.with_suffix(ext)
         if cap.is_file():
+            raw = cap.read_bytes()
+            # UTF-8 (with or without a BOM), or UTF-16/32 with their BOM: Windows Notepad's "Unicode" is UTF-16 LE.
+            encoding = next((enc for bom, enc in BOMS if raw.startswith(bom)), "utf-8-sig")
             try:
-                text = cap.read_text(encoding="utf-8-sig")
+                text = raw.decode(encoding)
             except UnicodeDecodeError:
-                raise DataError(f"caption {cap.name} is not UTF-8 text; re-save it as UTF-8") from None
+                raise DataError(f"caption {cap.name} is not UTF-8 (or UTF-16 with a byte-order mark) text; re-save "
+                                "it as UTF-8") from None
             lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
             return lines[0] if lines else ""
     return None

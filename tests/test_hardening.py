@@ -1,0 +1,170 @@
+"""Nothing lost, nothing let in: a run that diverges or is interrupted keeps what it had; odd input gets a message."""
+
+from __future__ import annotations
+
+import codecs
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdlora.cli import main
+from sdlora.data.scan import read_caption
+from sdlora.safefiles import read_safetensors
+
+from conftest import make_dataset
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, capsys):
+    data = make_dataset(tmp_path / "data", n=2)
+    args = ["-q", "train", "--data", str(data), "--resolution", "64", "--steps", "30", "--lr", "1e4",
+            "--max-grad-norm", "0", "--save-every", "1", "--output-dir", str(tmp_path / "o"), "--name", "n"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    m = re.search(r"error: step (\d+): the loss or the gradients are not finite \(NaN or Inf\) at learning rate "
+                  r"1e\+04; this step's images: img\d\.png\. The run stopped there", err)
+    assert m, err
+    stopped = int(m.group(1))
+    last = tmp_path / "o" / f"n-step{stopped - 1:06d}.safetensors"
+    assert f"the last good adapter is {last}" in err and "--resume latest" in err
+    assert not (tmp_path / "o" / "n.safetensors").exists()
+    assert not (tmp_path / "o" / f"n-step{stopped:06d}.safetensors").exists()
+    tensors, _ = read_safetensors(last)  # checks every value is finite
+    assert main(["-q", "inspect", str(last)]) == 0
+
+
+def test_nan_policy_skip_passes_over_such_steps(tmp_path, capsys):
+    data = make_dataset(tmp_path / "data", n=2)
+    assert main(["train", "--data", str(data), "--resolution", "64", "--steps", "4", "--lr", "1e4",
+                 "--max-grad-norm", "0", "--nan-policy", "skip", "--output-dir", str(tmp_path), "--name", "s"]) == 0
+    out, err = capsys.readouterr()
+    skipped = err.count("step skipped (--nan-policy skip)")
+    assert skipped >= 1 and f"after 4 steps ({skipped} skipped: loss not finite)" in out
+    tensors, _ = read_safetensors(tmp_path / "s.safetensors")
+    assert all(torch.isfinite(t).all() for t in tensors.values())
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be"])
+def test_captions_in_unicode_with_a_byte_order_mark_are_read(tmp_path, encoding):
+    bom = {"utf-16-le": codecs.BOM_UTF16_LE, "utf-16-be": codecs.BOM_UTF16_BE, "utf-32-le": codecs.BOM_UTF32_LE,
+           "utf-32-be": codecs.BOM_UTF32_BE}.get(encoding, b"")
+    (tmp_path / "a.txt").write_bytes(bom + "café, a red circle\r\nsecond line".encode(encoding))
+    assert read_caption(tmp_path / "a.png") == "café, a red circle"
+
+
+def test_resolution_below_the_bucket_step_is_one_line(tmp_path, capsys):
+    data = make_dataset(tmp_path / "data", n=1, size=(32, 32))
+    assert main(["-q", "train", "--data", str(data), "--resolution", "32", "--output-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == ("error: bucket_step (64) is larger than resolution (32), so no bucket fits; pass a "
+                           "--bucket-step of at most 32 (a multiple of 8)")
+
+
+class Training:
+    """`sdlora train` in a child process, its stderr read as it comes (tqdm's bar ends lines with \\r)."""
+
+    def __init__(self, tmp_path: Path, *extra: str, steps: int = 400):
+        data = tmp_path / "data"
+        if not data.exists():
+            make_dataset(data, n=2)
+        self.out = tmp_path / "o"
+        self.args = ["train", "--data", str(data), "--resolution", "64", "--steps", str(steps), "--rank", "4",
+                     "--save-precision", "fp32", "--output-dir", str(self.out), "--name", "k", *extra]
+        self.proc = subprocess.Popen([sys.executable, "-m", "sdlora", *self.args], cwd=ROOT, stderr=subprocess.PIPE,
+                                     text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        self.err = ""
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        while chunk := self.proc.stderr.read(1):
+            self.err += chunk
+
+    def wait_for_step(self, n: int, timeout: float = 120) -> None:
+        deadline = time.time() + timeout
+        while not re.search(rf"\b{n}/\d+ \[", self.err):
+            assert self.proc.poll() is None and time.time() < deadline, self.err[-2000:]
+            time.sleep(0.05)
+
+    def finish(self, timeout: float = 300) -> int:
+        rc = self.proc.wait(timeout)
+        self.reader.join(10)
+        self.proc.stderr.close()
+        return rc
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_saves_at_the_step_boundary_and_the_run_resumes(tmp_path, sig, code):
+    run = Training(tmp_path)
+    run.wait_for_step(3)
+    run.proc.send_signal(sig)
+    assert run.finish() == code, run.err[-2000:]
+    m = re.search(r"interrupted: SIG\w+: stopped after step (\d+); saved (\S+) and its state; continue with "
+                  r"--resume latest", run.err)
+    assert m, run.err[-2000:]
+    step = int(m.group(1))
+    assert Path(m.group(2)) == run.out / f"k-step{step:06d}.safetensors" and Path(m.group(2)).is_file()
+    assert (run.out / "state" / f"k-step{step:06d}.state.safetensors").is_file()
+    assert not (run.out / "k.safetensors").exists()
+    if sig == signal.SIGINT:  # the saved state continues to the same adapter an uninterrupted run writes
+        resumed = Training(tmp_path, "--resume", "latest", steps=step + 2)
+        assert resumed.finish() == 0, resumed.err[-2000:]
+        assert f"resumed from {run.out / 'state'}" in resumed.err
+        whole = Training(tmp_path, "--output-dir", str(tmp_path / "whole"), steps=step + 2)
+        assert whole.finish() == 0, whole.err[-2000:]
+        a, _ = read_safetensors(run.out / "k.safetensors")
+        b, _ = read_safetensors(tmp_path / "whole" / "k.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path):
+    run = Training(tmp_path, "--gradient-checkpointing", "--batch-size", "8")
+    run.wait_for_step(2)
+    run.proc.send_signal(signal.SIGINT)
+    deadline = time.time() + 30
+    while "press Ctrl-C again" not in run.err and time.time() < deadline:  # (two at once would arrive as one)
+        time.sleep(0.01)
+    run.proc.send_signal(signal.SIGINT)
+    assert run.finish() == 130, run.err[-2000:]
+    assert "press Ctrl-C again to stop at once" in run.err and "stopped after step" not in run.err
+    assert not list(run.out.glob("k*.safetensors"))
+
+
+@pytest.mark.slow
+def test_kill_matrix_every_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
+    """SIGKILL (nothing saved on the way out) at each kind of point of a run with gradient accumulation 2 and a
+    checkpoint every 2 steps over 2 epochs of 5 steps: during the first checkpoint's adapter and state writes, in
+    the middle of an epoch, at an epoch's end, and while the final adapter is written. Each killed run, resumed
+    with --resume latest (or started again where nothing was saved), ends with the uninterrupted run's tensors."""
+    common = ("--grad-accum", "2", "--save-every", "2", "--lr", "5e-3", "--flip", "--overwrite")
+    whole = Training(tmp_path, *common, "--output-dir", str(tmp_path / "whole"), steps=7)
+    assert whole.finish() == 0, whole.err[-2000:]
+    reference, _ = read_safetensors(tmp_path / "whole" / "k.safetensors")
+    for k, point in enumerate([("write", 1), ("write", 2), ("step", 3), ("step", 5), ("write", 7)]):
+        out = tmp_path / f"kill{k}"
+        env = {"SDLORA_KILL_AT_WRITE": str(point[1])} if point[0] == "write" else {}
+        os.environ.update(env)
+        try:
+            run = Training(tmp_path, *common, "--output-dir", str(out), steps=7)
+        finally:
+            for key in env:
+                del os.environ[key]
+        if point[0] == "step":
+            run.wait_for_step(point[1])
+            run.proc.send_signal(signal.SIGKILL)
+        assert run.finish() == -signal.SIGKILL, (point, run.err[-2000:])
+        assert not list(out.rglob("*.tmp")) or all(p.name.startswith(".") for p in out.rglob("*.tmp"))
+        resume = ("--resume", "latest") if list((out / "state").glob("*.state.safetensors")) else ()
+        again = Training(tmp_path, *common, *resume, "--output-dir", str(out), steps=7)
+        assert again.finish() == 0, (point, again.err[-2000:])
+        tensors, _ = read_safetensors(out / "k.safetensors")
+        assert tensors.keys() == reference.keys() and all(torch.equal(tensors[n], reference[n]) for n in tensors), point
