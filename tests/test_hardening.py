@@ -168,3 +168,21 @@ def test_kill_matrix_every_resumed_run_ends_where_an_uninterrupted_one_does(tmp_
         assert again.finish() == 0, (point, again.err[-2000:])
         tensors, _ = read_safetensors(out / "k.safetensors")
         assert tensors.keys() == reference.keys() and all(torch.equal(tensors[n], reference[n]) for n in tensors), point
+
+
+def test_resume_latest_passes_over_a_damaged_state_and_a_named_one_is_an_error(tmp_path, capsys):
+    data = make_dataset(tmp_path / "data", n=2)
+    args = ["train", "--data", str(data), "--resolution", "64", "--rank", "4", "--save-every", "2",
+            "--output-dir", str(tmp_path), "--name", "d", "--overwrite"]
+    assert main(["-q", *args, "--steps", "4"]) == 0
+    latest = tmp_path / "state" / "d-step000004.state.safetensors"
+    blob = bytearray(latest.read_bytes())
+    blob[-3] ^= 0xFF  # one flipped byte in the tensor data: the file still parses
+    latest.write_bytes(bytes(blob))
+    capsys.readouterr()
+    assert main(["-q", *args, "--steps", "4", "--resume", str(latest)]) == 2
+    assert "the state is damaged (its tensors do not match the hash it was saved with)" in capsys.readouterr().err
+    assert main([*args, "--steps", "5", "--resume", "latest"]) == 0
+    err = capsys.readouterr().err
+    assert f"--resume latest: {latest}: the state is damaged" in err and "trying the state before it" in err
+    assert f"resumed from {tmp_path / 'state' / 'd-step000002.state.safetensors'} at step 2" in err
