@@ -6,6 +6,7 @@ touched, so a malformed or hostile file gives one clear error instead of a crash
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
@@ -169,6 +170,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.fsync(f.fileno())
         _fault_point()
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):  # say which file, and that the old one is whole
+            raise OSError(e.errno, f"{e.strerror}: could not write {len(data):,} bytes (the disk or quota is full); "
+                          f"{'the previous version is unchanged' if path.exists() else 'nothing was written'}",
+                          str(path)) from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

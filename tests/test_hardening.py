@@ -18,6 +18,7 @@ import torch
 from sdlora.cli import main
 from sdlora.data.scan import read_caption
 from sdlora.safefiles import read_safetensors
+from sdlora.state import load_state
 
 from conftest import make_dataset
 
@@ -186,3 +187,29 @@ def test_resume_latest_passes_over_a_damaged_state_and_a_named_one_is_an_error(t
     err = capsys.readouterr().err
     assert f"--resume latest: {latest}: the state is damaged" in err and "trying the state before it" in err
     assert f"resumed from {tmp_path / 'state' / 'd-step000002.state.safetensors'} at step 2" in err
+
+
+def test_a_full_disk_stops_the_run_with_a_message_and_resuming_without_it_works(tmp_path):
+    """RLIMIT_FSIZE in the child (with SIGXFSZ ignored, writes fail with EFBIG as on a full disk): the final state
+    (about 0.4 MB) does not fit, the adapter (0.17 MB) does."""
+    import resource
+
+    first = Training(tmp_path, "--save-every", "2", steps=2)
+    assert first.finish() == 0, first.err[-2000:]
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
+
+    full = subprocess.run([sys.executable, "-m", "sdlora", *first.args, "--steps", "4", "--resume", "latest", "--overwrite"], cwd=ROOT,
+                          capture_output=True, text=True, preexec_fn=limit, timeout=300)
+    assert full.returncode == 2, full.stderr[-2000:]
+    last = full.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"error: File too large: could not write [\d,]+ bytes \(the disk or quota is full\); "
+                        r"nothing was written: \S+/state/k-step000004\.state\.safetensors", last), last
+    assert not list(first.out.rglob("*.tmp"))
+    assert main(["-q", "inspect", str(first.out / "k.safetensors")]) == 0  # what was written is whole
+    assert load_state(first.out / "state" / "k-step000002.state.safetensors")["step"] == 2
+    again = Training(tmp_path, "--save-every", "2", "--resume", "latest", "--overwrite", steps=4)
+    assert again.finish() == 0, again.err[-2000:]
+    assert f"resumed from {first.out / 'state' / 'k-step000002.state.safetensors'} at step 2" in again.err
