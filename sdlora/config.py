@@ -8,6 +8,7 @@ fields here. Names are flat and unique across groups so that `--rank 8` on the c
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -176,6 +177,11 @@ class TrainConfig:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if self.text_encoder_lr is not None and self.text_encoder_lr < 0:
             raise ConfigError(f"text_encoder_lr must be >= 0, got {self.text_encoder_lr}")
+        for group in (self, self.data, self.adapter):  # NaN and Inf pass every comparison: refuse them here
+            for f in dataclasses.fields(group):
+                value = getattr(group, f.name)
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ConfigError(f"{f.name} must be a finite number, got {value}")
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:

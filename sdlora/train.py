@@ -342,6 +342,8 @@ def _dataset_and_caches(run: Run):
     """The dataset, its epoch plan, and the latent and text caches where the settings allow them."""
     cfg, base, items = run.cfg, run.base, run.items
     dataset = TrainDataset(items, cfg.data, cfg.seed, cfg.prior_loss_weight)
+    if run.main:
+        _warn_long_captions(dataset, base)
     plan = EpochPlan(items, cfg.batch_size, run.accelerator.num_processes, cfg.seed)
     if cfg.cache_latents and not cfg.data.augments_images:
         dataset.latents = _cache_latents(dataset, base, cfg, run.accelerator)
@@ -349,6 +351,22 @@ def _dataset_and_caches(run: Run):
         run.text_cache = _text_cache(run, dataset)
     _release_encoders(base, dataset.latents is not None, run.text_cache is not None, bool(cfg.sample_prompt))
     return dataset, plan
+
+
+def _warn_long_captions(dataset: TrainDataset, base: Base) -> None:
+    """Captions the text encoder cuts (CLIP reads 75 tokens between its start and end tokens): say which, and what
+    is lost, as the pipelines do at generation time."""
+    tok = base.tokenizers[0]
+    cut = []
+    for i, item in enumerate(dataset.items):
+        text = embeddings.expand(dataset.caption(Slot(i, 0, 0)), embeddings.tokenizer_vectors(tok))
+        ids = tok(text, add_special_tokens=False).input_ids
+        if len(ids) > tok.model_max_length - 2:
+            cut.append((item, tok.decode(ids[tok.model_max_length - 2:])))
+    if cut:
+        item, lost = cut[0]
+        log.warning(f"{len(cut)} caption(s) are longer than the text encoder's {tok.model_max_length - 2} tokens "
+                    f"and are cut: {Path(item.path).name} loses {lost!r}" + (" ..." if len(cut) > 1 else ""))
 
 
 def _text_cache(run: Run, dataset: TrainDataset) -> dict | None:

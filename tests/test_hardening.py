@@ -213,3 +213,73 @@ def test_a_full_disk_stops_the_run_with_a_message_and_resuming_without_it_works(
     again = Training(tmp_path, "--save-every", "2", "--resume", "latest", "--overwrite", steps=4)
     assert again.finish() == 0, again.err[-2000:]
     assert f"resumed from {first.out / 'state' / 'k-step000002.state.safetensors'} at step 2" in again.err
+
+
+def test_caption_corpus_each_case_has_its_outcome(tmp_path):
+    """Each odd caption file, and what scanning makes of it: used (with what text), or a warning naming it."""
+    from sdlora.data import scan_folder
+
+    from conftest import draw_shape
+
+    d = tmp_path / "data" / "1_thing"
+    d.mkdir(parents=True)
+    captions = {"missing": None, "empty": b"", "bom8": codecs.BOM_UTF8 + b"a b",
+                "utf16le": codecs.BOM_UTF16_LE + "a b".encode("utf-16-le"),
+                "utf16be": codecs.BOM_UTF16_BE + "a b".encode("utf-16-be"), "invalid": b"a \xff\xfe\xfd b",
+                "nul": b"a\x00 b", "crlf": b"a b\r\n\r\nsecond", "lines": b"\n\n  a b  \nsecond\nthird"}
+    for stem, raw in captions.items():
+        draw_shape().save(d / f"{stem}.png")
+        if raw is not None:
+            (d / f"{stem}.txt").write_bytes(raw)
+    draw_shape().save(d / "twin.png")
+    draw_shape().save(d / "twin.jpg")
+    (d / "twin.txt").write_text("twin caption")
+    (d / "orphan.txt").write_text("no image")
+    report = scan_folder(tmp_path / "data", resolution=64, bucket_step=64)
+    got = {Path(i.path).name: i.caption for i in report.items}
+    assert got == {"missing.png": "thing", "empty.png": "", "bom8.png": "a b", "utf16le.png": "a b",
+                   "utf16be.png": "a b", "nul.png": "a b", "crlf.png": "a b", "lines.png": "a b",
+                   "twin.png": "twin caption", "twin.jpg": "twin caption"}
+    assert [(p.name, why) for p, why in report.skipped] == [
+        ("invalid.png", "caption invalid.txt is not UTF-8 (or UTF-16 with a byte-order mark) text; re-save it as UTF-8")]
+    text = "\n".join(report.warnings)
+    assert "1 image(s) have no caption file (missing.png); using the folder's class token" in text
+    assert "1 image(s) have an empty caption file (empty.png); they train with no text" in text
+    assert "several images, which share one caption file (e.g. twin.jpg and twin.png)" in text
+    assert "1 caption file(s) have no image beside them (orphan.txt); they are not used" in text
+
+
+def test_a_caption_longer_than_the_text_encoder_reads_is_said(tmp_path, caplog):
+    from sdlora.config import AdapterConfig, DataConfig, TrainConfig
+    from sdlora.train import train
+
+    data = make_dataset(tmp_path / "data", n=1, caption="a red circle, " + ", ".join(f"w{i}" for i in range(40)))
+    with caplog.at_level("WARNING", logger="sdlora"):
+        train(TrainConfig(base="tiny-sd", output_dir=tmp_path / "o", steps=1, data=DataConfig(data=data, resolution=64),
+                          adapter=AdapterConfig(rank=4)))
+    assert re.search(r"1 caption\(s\) are longer than the text encoder's 75 tokens and are cut: img0\.png loses "
+                     r"'.*w 3 9'", caplog.text), caplog.text  # (CLIP splits digits)
+
+
+NUMERIC = ["steps", "epochs", "batch-size", "grad-accum", "lr", "text-encoder-lr", "embedding-lr", "embedding-steps",
+           "weight-decay", "warmup-steps", "max-grad-norm", "save-every", "sample-every", "sample-steps", "seed",
+           "min-snr-gamma", "noise-offset", "prior-loss-weight", "num-workers", "resolution", "bucket-step",
+           "caption-dropout", "keep-tags", "rank", "alpha", "dropout"]
+
+
+def test_option_corpus_every_numeric_option_at_odd_values_is_one_line(tmp_path, capsys):
+    """0, negative, huge and NaN for every numeric option: accepted (the run then stops at the missing data
+    folder) or refused with one line naming the option; never a traceback or an internal error."""
+    missing = tmp_path / "no-such-folder"
+    for option in NUMERIC:
+        for value in ("0", "-1", "1e30", "nan", "inf"):
+            try:
+                rc = main(["-q", "train", "--data", str(missing), f"--{option}", value, "--output-dir", str(tmp_path)])
+            except SystemExit as e:  # argparse: not a number of the option's type
+                rc = e.code
+            err = capsys.readouterr().err.strip()
+            assert rc == 2 and "Traceback" not in err, (option, value, err)
+            lines = [ln for ln in err.splitlines() if ln.startswith(("error:", "sdlora train: error:"))]
+            assert len(lines) == 1, (option, value, err)
+            assert "data folder not found" in lines[0] or option.replace("-", "_") in lines[0] or \
+                f"--{option}" in lines[0], (option, value, lines[0])

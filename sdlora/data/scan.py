@@ -111,7 +111,7 @@ def read_caption(image: Path) -> str | None:
             except UnicodeDecodeError:
                 raise DataError(f"caption {cap.name} is not UTF-8 (or UTF-16 with a byte-order mark) text; re-save "
                                 "it as UTF-8") from None
-            lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+            lines = [ln.replace("\x00", "").strip() for ln in text.splitlines() if ln.replace("\x00", "").strip()]
             return lines[0] if lines else ""
     return None
 
@@ -147,6 +147,7 @@ def scan_folder(root: Path, *, resolution: int, bucket_step: int, bucket: bool =
         raise DataError(f"--data must be a folder of images, but {root} is a file")
     report = ScanReport(root)
     uncaptioned: list[Path] = []
+    empty: list[Path] = []
     files = sorted(p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
     for path in files:
         if path.suffix.lower() not in IMAGE_EXTS:
@@ -170,18 +171,36 @@ def scan_folder(root: Path, *, resolution: int, bucket_step: int, bucket: bool =
         if caption is None:
             uncaptioned.append(path)
             caption = default_caption or class_token
+        elif not caption:
+            empty.append(path)
         report.items.append(Item(path, with_trigger(caption, trigger), repeats, size, b, folder, reg))
     for path, reason in report.skipped:
         report.warnings.append(f"skipped {path}: {reason}")
     if uncaptioned:
         used = repr(default_caption) if default_caption else "the folder's class token"
-        names = ", ".join(p.name for p in uncaptioned[:3]) + (" ..." if len(uncaptioned) > 3 else "")
-        report.warnings.append(f"{len(uncaptioned)} image(s) have no caption file ({names}); using {used}")
+        report.warnings.append(f"{len(uncaptioned)} image(s) have no caption file ({_names(uncaptioned)}); using {used}")
+    if empty:
+        report.warnings.append(f"{len(empty)} image(s) have an empty caption file ({_names(empty)}); they train with "
+                               + (f"the trigger {trigger!r} alone" if trigger else "no text (unconditionally)"))
+    stems = Counter(p.with_suffix("") for p in files if p.suffix.lower() in IMAGE_EXTS)
+    shared = [s for s, n in stems.items() if n > 1]
+    if shared:
+        first = " and ".join(p.name for p in files if p.with_suffix("") == shared[0] and p.suffix.lower() in IMAGE_EXTS)
+        report.warnings.append(f"{len(shared)} name(s) belong to several images, which share one caption file "
+                               f"(e.g. {first}); each such image is used with it")
+    orphans = [p for p in files if p.suffix.lower() in CAPTION_EXTS and p.with_suffix("") not in stems]
+    if orphans:
+        report.warnings.append(f"{len(orphans)} caption file(s) have no image beside them ({_names(orphans)}); "
+                               "they are not used")
     if not report.items:
         why = f"; {len(report.skipped)} file(s) skipped, see the warnings" if report.skipped else ""
         what = "regularisation image (--reg-data)" if reg else "image"
         raise DataError(f"no usable {what} in {root} (looked for {', '.join(IMAGE_EXTS)} recursively){why}")
     return report
+
+
+def _names(paths: list[Path]) -> str:
+    return ", ".join(p.name for p in paths[:3]) + (" ..." if len(paths) > 3 else "")
 
 
 def load_rgb(path: Path) -> Image.Image:
