@@ -8,6 +8,7 @@ RNG state, and lets N processes split a global batch and see exactly what one pr
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
 from collections import defaultdict
 from dataclasses import dataclass, replace
@@ -20,6 +21,8 @@ from PIL import Image
 from ..config import DataConfig
 from .captions import CaptionRules, make_caption
 from .scan import Item, load_rgb
+
+log = logging.getLogger("sdlora")
 
 
 def seeded(*parts) -> int:
@@ -111,6 +114,7 @@ class TrainDataset(torch.utils.data.Dataset):
         self.rules = CaptionRules(cfg.trigger, cfg.shuffle_tags, cfg.keep_tags, cfg.caption_dropout)
         self.reg_rules = replace(self.rules, trigger="")  # regularisation images never get the trigger
         self.latents: dict[int, torch.Tensor] | None = None
+        self.lost: set = set()  # images that could not be read again during training
         self.text: dict[str, tuple[torch.Tensor, ...]] | None = None
 
     def __len__(self) -> int:  # the dataset is indexed by Slot, not by position
@@ -131,7 +135,16 @@ class TrainDataset(torch.utils.data.Dataset):
             out["crop_top_left"] = _center_crop(item)
         else:
             rng = random.Random(seeded(self.seed, "image", slot.slot))
-            out["pixels"], out["crop_top_left"] = to_training_image(item, self.cfg, rng)
+            try:
+                out["pixels"], out["crop_top_left"] = to_training_image(item, self.cfg, rng)
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                # The file changed since the scan (deleted, truncated, replaced): this sample counts for nothing,
+                # the run goes on, and the file is named once.
+                out["pixels"], out["crop_top_left"] = torch.zeros(3, item.bucket.height, item.bucket.width), (0, 0)
+                out["share"] = 0.0
+                if item.path not in self.lost:
+                    self.lost.add(item.path)
+                    log.warning(f"skipped {item.path} from here on: it can no longer be read ({type(e).__name__}: {e})")
         out["caption"] = self.caption(slot)
         return out
 

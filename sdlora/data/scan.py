@@ -10,6 +10,7 @@ from __future__ import annotations
 import codecs
 import math
 import re
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from ..errors import DataError
 from .buckets import Bucket, assign_bucket
 from .captions import split_tags, with_trigger
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # GIF and TIFF: their first frame
 CAPTION_EXTS = (".txt", ".caption")
 REPEATS_RE = re.compile(r"^(\d+)_(.+)$")
 
@@ -130,8 +131,12 @@ def _folder_info(image: Path, root: Path) -> tuple[int, str, str]:
 
 
 def image_size(path: Path) -> tuple[int, int]:
-    """Decode the whole image (so truncated files are caught now) and return its upright size."""
-    with Image.open(path) as img:
+    """Decode the whole image (so truncated files are caught now) and return its upright size. Larger than Pillow's
+    pixel limit is refused before decoding (a decompression bomb, or a photo to downscale first)."""
+    with warnings.catch_warnings(), Image.open(path) as img:
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        if img.width * img.height > (Image.MAX_IMAGE_PIXELS or float("inf")):
+            raise Image.DecompressionBombError(f"{img.width}x{img.height}")
         img.load()
         w, h = img.size
         orientation = img.getexif().get(0x0112, 1)
@@ -149,12 +154,20 @@ def scan_folder(root: Path, *, resolution: int, bucket_step: int, bucket: bool =
     uncaptioned: list[Path] = []
     empty: list[Path] = []
     files = sorted(p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    real_root = root.resolve()
     for path in files:
         if path.suffix.lower() not in IMAGE_EXTS:
             continue
+        if not path.resolve().is_relative_to(real_root):
+            report.skipped.append((path, f"a link to {path.resolve()}, outside the data folder; copy the file in"))
+            continue
         try:
             size = image_size(path)
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            report.skipped.append((path, f"too large: over Pillow's {Image.MAX_IMAGE_PIXELS:,}-pixel limit (a "
+                                         f"decompression bomb, or a photo to downscale first; {e})"))
+            continue
+        except (UnidentifiedImageError, OSError, ValueError) as e:
             report.skipped.append((path, f"cannot be decoded as an image ({type(e).__name__}: {e})"))
             continue
         b = assign_bucket(*size, resolution, bucket_step, bucket=bucket, upscale=upscale)
@@ -207,12 +220,13 @@ def load_rgb(path: Path) -> Image.Image:
     """Open an image upright, in 8-bit RGB, with transparency composited on white."""
     with Image.open(path) as img:
         img = ImageOps.exif_transpose(img)
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            # 16/32-bit greyscale: scale to 8 bits instead of clipping.
+        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            # 16/32-bit integer or float greyscale: scale to 8 bits instead of clipping (floats in [0, 1] too).
             import numpy as np
 
             arr = np.asarray(img, dtype=np.float64)
-            top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+            top = (65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else
+                   1.0 if img.mode == "F" and arr.max() <= 1.0 else 255.0)
             img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype("uint8"), "L")
         if img.mode == "P":
             img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
