@@ -18,6 +18,7 @@ import torch
 from .errors import FormatError
 
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+MAX_TENSORS = 50_000  # an SDXL LoCon with both text encoders has about 8,000; full SDXL checkpoints about 2,500
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "U16": torch.uint16,
@@ -66,12 +67,17 @@ def _header(path: Path, f, size: int) -> tuple[dict, dict[str, str]]:
         raise FormatError(f"{path}: corrupt or truncated safetensors file (header length {n}, file size {size})")
     f.seek(8)
     raw = f.read(n)
-    try:
-        header = json.loads(raw)
+    try:  # strictly UTF-8 (no BOM, no UTF-16), as the format and the safetensors library require
+        header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FormatError(f"{path}: corrupt safetensors header (invalid JSON: {e})") from None
+    except RecursionError:
+        raise FormatError(f"{path}: corrupt safetensors header (JSON nested too deeply)") from None
     if not isinstance(header, dict):
         raise FormatError(f"{path}: corrupt safetensors header (not a JSON object)")
+    if len(header) > MAX_TENSORS:
+        raise FormatError(f"{path}: holds {len(header):,} tensors; a LoRA or model file has far fewer (at most "
+                          f"{MAX_TENSORS:,} are read), so the file is refused")
     meta = header.pop("__metadata__", None)
     if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
         raise FormatError(f"{path}: corrupt safetensors metadata (values must be strings)")
@@ -83,12 +89,12 @@ def _header(path: Path, f, size: int) -> tuple[dict, dict[str, str]]:
         if not isinstance(info["dtype"], str) or info["dtype"] not in DTYPES:
             raise FormatError(f"{path}: tensor {key!r} has unknown dtype {info['dtype']!r}")
         shape, offsets = info["shape"], info["data_offsets"]
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        if not (isinstance(shape, list) and all(_count(d) for d in shape)):
             raise FormatError(f"{path}: tensor {key!r} has a malformed shape {shape!r}; the file is corrupt")
         if not (isinstance(offsets, list) and len(offsets) == 2):
             raise FormatError(f"{path}: tensor {key!r} has malformed data offsets {offsets!r}; the file is corrupt")
         start, end = offsets
-        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= data_len):
+        if not (_count(start) and _count(end) and start <= end <= data_len):
             raise FormatError(f"{path}: tensor {key!r} points outside the file (offsets {start}..{end}, data {data_len} bytes)")
         spans.append((start, end, key))
     spans.sort()
@@ -96,6 +102,11 @@ def _header(path: Path, f, size: int) -> tuple[dict, dict[str, str]]:
         if s1 < e0:
             raise FormatError(f"{path}: tensors {k0!r} and {k1!r} overlap; the file is corrupt")
     return header, dict(meta or {})
+
+
+def _count(x) -> bool:
+    """A JSON value usable as a size or offset: a non-negative integer (true and false are not numbers here)."""
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def read_safetensors(path: Path, *, check_finite: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
