@@ -41,14 +41,18 @@ def server(tmp_path_factory):
     # A LoRA whose trigger word is HTML, and a preview captioned with an HTML name: all must show as text.
     assert main(["-q", "train", "--data", str(data), "--resolution", "64", "--steps", "1", "--output-dir", str(loras),
                  "--name", "marked", "--trigger", HTML_TRIGGER]) == 0
-    secret = root / "secret.txt"
+    secret = root / "secret.txt"  # in the server's working folder; more in its home folder and in the dataset
     secret.write_text("TOP-SECRET-TOKEN")
+    home = root / "home"
+    home.mkdir()
+    (home / "secret-home.txt").write_text("TOP-SECRET-TOKEN")
+    (data / "secret-data.txt").write_text("TOP-SECRET-TOKEN")
     (loras / "evil.safetensors").symlink_to(secret)
     (loras / f"{HTML_NAME}.safetensors").write_bytes((loras / "inkstyle.safetensors").read_bytes())
     draw_shape((32, 32)).save(loras / f"{HTML_NAME}.preview.png")
     out = root / "outputs"
     port = free_port()
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "HOME": str(home)}
     proc = subprocess.Popen([sys.executable, "-m", "sdlora", "webui", "--base", "tiny-sd", "--lora-dir", str(loras),
                              "--output-dir", str(out), "--port", str(port)], env=env, cwd=root,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -63,7 +67,7 @@ def server(tmp_path_factory):
     else:
         proc.kill()
         pytest.fail("webui did not start within 120 s")
-    yield {"url": url, "root": root, "loras": loras, "out": out, "secret": secret}
+    yield {"url": url, "root": root, "loras": loras, "out": out, "secret": secret, "home": home, "data": data}
     _stop(proc)
 
 
@@ -130,17 +134,23 @@ def test_select_weight_generate_in_a_browser(server):
     assert recipe["Seed"] == "5" and recipe["Size"] == "64x64" and "inkstyle" in recipe["Lora hashes"]
 
 
-def _payloads(secret: Path, loras: Path):
-    yield str(secret)
-    yield "../" * 12 + str(secret).lstrip("/")
-    yield urllib.parse.quote("../" * 12 + str(secret).lstrip("/"), safe="")
-    yield urllib.parse.quote(urllib.parse.quote("../" * 12 + str(secret).lstrip("/"), safe=""), safe="")
-    yield "..%2f" * 12 + str(secret).lstrip("/")
-    yield str(loras / "evil.safetensors")
-    yield str(loras / "inkstyle.safetensors")
-    yield secret.name
-    yield "/etc/passwd"
-    yield "../" * 12 + "etc/passwd"
+def _payloads(server) -> list[str]:
+    """Paths to the planted secrets (working folder, home folder, dataset) and to system files, spelled every way a
+    traversal is tried: absolute, ../ chains, encoded and double-encoded, backslashes, ~, NUL, case and fullwidth."""
+    secret, home, data, loras = server["secret"], server["home"], server["data"], server["loras"]
+    targets = [str(secret), str(home / "secret-home.txt"), str(data / "secret-data.txt"), "/etc/passwd"]
+    out = []
+    for t in targets:
+        rel = t.lstrip("/")
+        out += [t, "../" * 12 + rel, urllib.parse.quote("../" * 12 + rel, safe=""),
+                urllib.parse.quote(urllib.parse.quote("../" * 12 + rel, safe=""), safe=""),
+                "..%2f" * 12 + rel, "..%2F" * 12 + rel, "%2e%2e/" * 12 + rel, "%2E%2E%2F" * 12 + rel,
+                "..\\" * 12 + rel.replace("/", "\\"), "..%5c" * 12 + rel.replace("/", "%5c"),
+                "....//" * 12 + rel, "\uff0e\uff0e/" * 12 + rel, "%ef%bc%8e%ef%bc%8e/" * 12 + rel,
+                t + "%00.png", t + "\x00.png", "//" + rel, "/./" * 3 + rel, t.upper()]
+    out += ["~/secret-home.txt", "%7e/secret-home.txt", "file://" + str(secret), secret.name, "secret-data.txt",
+            str(loras / "evil.safetensors"), str(loras / "inkstyle.safetensors"), "evil.safetensors"]
+    return out
 
 
 def test_no_file_outside_the_outputs_can_be_read(server):
@@ -150,9 +160,14 @@ def test_no_file_outside_the_outputs_can_be_read(server):
     assert r.status_code == 200 and r.text == "OUTPUT-OK"
     served.unlink()
     leaks = []
-    for payload in _payloads(server["secret"], server["loras"]):
+    payloads = _payloads(server)
+    assert len(payloads) >= 60
+    for payload in payloads:
         for route in ("/gradio_api/file=", "/file=", "/gradio_api/file/", "/static/", "/assets/"):
-            r = httpx.get(server["url"] + route + payload, timeout=10)
+            try:
+                r = httpx.get(server["url"] + route + payload, timeout=10)
+            except (httpx.InvalidURL, ValueError):  # refused by the client before it reached the server
+                continue
             body = r.content
             if b"TOP-SECRET-TOKEN" in body or b"root:x:0:0" in body or body.startswith(b"\x8c\x02") or (
                     r.status_code == 200 and payload.endswith(".safetensors") and len(body) > 8 and b"lora_" in body):
@@ -194,6 +209,25 @@ def test_the_api_takes_names_not_paths_and_checks_values(server):
             client.predict([], "fast", "inkstyle", "0, 1", y_kind, None, y_values, "a", "", 3, 2, 5.0, 64, 64,
                            "Euler", *slots, api_name="/grid")
     assert set(server["out"].glob("*.png")) == written  # a refused request writes nothing
+
+
+def test_twenty_simultaneous_generations_are_queued_none_lost_none_crossed(server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradio_client import Client
+
+    client = Client(server["url"], verbose=False)
+
+    def one(k):
+        gallery, info, _ = client.predict([], "exact", f"a circle number {k}", "", 1000 + k, 2, 7.0, 64, 64, 1, 1,
+                                          "Euler", *["", 1.0, 1.0] * 6, api_name="/generate")
+        return k, info, read_png_parameters(Path(gallery[0]["image"]))
+
+    with ThreadPoolExecutor(20) as pool:
+        results = list(pool.map(one, range(20)))
+    assert len(results) == 20
+    for k, info, recipe in results:
+        assert f"Seed: {1000 + k}" in info and recipe["prompt"] == f"a circle number {k}" and recipe["Seed"] == str(1000 + k)
 
 
 def test_symlinks_out_of_the_folder_are_not_listed(server):
@@ -260,8 +294,8 @@ def test_grid_and_png_info_through_the_api(server):
         client.predict(handle_file(str(bad)), api_name="/load_png")
 
 
-def test_one_generation_at_a_time_behind_a_queue_of_16(tmp_path):
-    """What the README promises: generations run one at a time, and at most 16 more wait; the rest are refused
+def test_one_generation_at_a_time_behind_a_full_queue(tmp_path):
+    """What the README promises: generations run one at a time, and at most QUEUE_SIZE more wait; the rest are refused
     at once. The studio runs over an engine whose generate blocks until released (tests/blocking_studio.py), so
     the queue fills for sure. Requests go to Gradio's queue endpoint: one HTTP call each, answered with an event
     id or a refusal."""
@@ -301,7 +335,7 @@ def test_one_generation_at_a_time_behind_a_queue_of_16(tmp_path):
         assert answers[: 1 + QUEUE_SIZE] == ["queued"] * (1 + QUEUE_SIZE)
         assert all(a.startswith("503 Queue is full") for a in answers[1 + QUEUE_SIZE:]), answers
         time.sleep(1)
-        assert count("start") == 1  # the other 16 wait
+        assert count("start") == 1  # the others wait
         (tmp_path / "release").touch()
         assert wait_for(lambda: count("end") == 1 + QUEUE_SIZE)
         lines = events.read_text().split()

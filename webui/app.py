@@ -24,7 +24,7 @@ from sdlora.schedulers import SCHEDULERS
 log = logging.getLogger("sdlora")
 
 MAX_SLOTS = 6  # LoRAs per blend, ticked or named in <lora:...> tags
-QUEUE_SIZE = 16
+QUEUE_SIZE = 32  # generations waiting behind the running one; more are refused at once
 CACHE_CLEAN = (3600, 3600)  # Gradio's cache (inside the outputs folder): every hour, delete files older than an hour
 DEFAULTS = Params(prompt="")
 
