@@ -53,14 +53,18 @@ def server(tmp_path_factory):
     out = root / "outputs"
     port = free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "HOME": str(home)}
-    proc = subprocess.Popen([sys.executable, "-m", "sdlora", "webui", "--base", "tiny-sd", "--lora-dir", str(loras),
-                             "--output-dir", str(out), "--port", str(port)], env=env, cwd=root,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # The server's output goes to a file: a pipe nobody reads fills up with Gradio's logged refusals (64 KiB) and
+    # then blocks the server's next write, which looked like a hung request.
+    log = root / "server.log"
+    with log.open("w") as sink:  # the child keeps its own copy of the handle
+        proc = subprocess.Popen([sys.executable, "-m", "sdlora", "webui", "--base", "tiny-sd", "--lora-dir",
+                                 str(loras), "--output-dir", str(out), "--port", str(port)], env=env, cwd=root,
+                                stdout=sink, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
         if proc.poll() is not None:
-            pytest.fail(f"webui exited: {proc.stdout.read()}")
+            pytest.fail(f"webui exited: {log.read_text()}")
         if _up(url):
             break
         time.sleep(0.5)
@@ -78,7 +82,6 @@ def _stop(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-    proc.stdout.close()
 
 
 @pytest.mark.browser
@@ -303,8 +306,10 @@ def test_one_generation_at_a_time_behind_a_full_queue(tmp_path):
 
     port = free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "blocking_studio.py"), str(port), str(tmp_path)],
-                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "server.log"
+    with log.open("w") as sink:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "blocking_studio.py"), str(port), str(tmp_path)],
+                                env=env, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT)
     events = tmp_path / "events.txt"
 
     def count(kind):
@@ -314,7 +319,7 @@ def test_one_generation_at_a_time_behind_a_full_queue(tmp_path):
         deadline = time.time() + seconds
         while not check() and time.time() < deadline:
             if proc.poll() is not None:
-                pytest.fail(f"the studio exited: {proc.stdout.read()}")
+                pytest.fail(f"the studio exited: {log.read_text()}")
             time.sleep(0.1)
         return check()
 
@@ -349,3 +354,80 @@ def _up(url: str) -> bool:
         return httpx.get(url, timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def _call(url: str, api: str, data: list, seconds: float = 20) -> tuple[str, str]:
+    """One request through Gradio's HTTP API (the route any script can use, past the client's own checks): the
+    last event's kind ('complete' or 'error') and data."""
+    r = httpx.post(f"{url}/gradio_api/call/{api}", json={"data": data}, timeout=seconds)
+    r.raise_for_status()
+    kind, body = "", ""
+    with httpx.stream("GET", f"{url}/gradio_api/call/{api}/{r.json()['event_id']}", timeout=seconds) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("event:"):
+                kind = line.split(":", 1)[1].strip()
+            elif line.startswith("data:") and kind in ("complete", "error"):
+                return kind, line[5:].strip()
+    return kind, body
+
+
+def test_every_callback_refuses_path_payloads_and_the_server_keeps_answering(server):
+    """Each traversal payload, in every field that names a LoRA, a file or an axis, of every callback (generate,
+    grid, save_blend, load_png): answered with an error within seconds, nothing read or written, and a plain
+    generation afterwards still completes (no request is left holding the generation slot)."""
+    url, out, loras = server["url"], server["out"], server["loras"]
+    before = {p: p.stat().st_mtime_ns for p in [*out.rglob("*"), *loras.rglob("*")] if p.is_file()}
+    slots = ["", 1.0, 1.0] * 6
+    gen = ["exact", "a", "", 1, 2, 7.0, 64, 64, 1, 1, "Euler"]
+    grid_tail = ["a", "", 3, 2, 5.0, 64, 64, "Euler", *slots]
+    fields = {  # callback: a function from a payload to that call's values
+        "generate (ticked LoRA)": ("generate", lambda p: [[p], *gen, *slots]),
+        "generate (weight row)": ("generate", lambda p: [["inkstyle"], *gen, p, 1.0, 1.0, *slots[3:]]),
+        "grid (X LoRA)": ("grid", lambda p: [[], "fast", p, "0, 1", "seed", None, "1, 2", *grid_tail]),
+        "grid (Y LoRA)": ("grid", lambda p: [[], "fast", "inkstyle", "0, 1", "lora", p, "0, 1", *grid_tail]),
+        "grid (Y kind)": ("grid", lambda p: [[], "fast", "inkstyle", "0, 1", p, None, "1, 2", *grid_tail]),
+        "save_blend (name)": ("save_blend", lambda p: [p, ["inkstyle"], *slots]),
+        "save_blend (ticked)": ("save_blend", lambda p: ["payload-blend", [p], *slots]),
+        "load_png (file)": ("load_png", lambda p: [{"path": p, "meta": {"_type": "gradio.FileData"}}]),
+    }
+    payloads = _payloads(server)
+    answered = []
+    for label, (api, values) in fields.items():
+        for payload in payloads:
+            started = time.time()
+            kind, body = _call(url, api, values(payload))
+            answered.append((label, payload, kind, round(time.time() - started, 1)))
+            assert "TOP-SECRET-TOKEN" not in body and "root:x:0:0" not in body, (label, payload)
+    # The weight-row name is display-only (the ticked box chooses the LoRA), so those calls may complete; a payload
+    # that is a plain file name is a valid name for a saved blend, which lands in the LoRA folder and nowhere else.
+    def allowed(label, payload):
+        return label.startswith("generate (weight row)") or (
+            label == "save_blend (name)" and re.fullmatch(r"[\w.\- ]+", payload) and not payload.startswith("."))
+
+    wrong = [a for a in answered if a[2] != "error" and not allowed(a[0], a[1])]
+    slow = [a for a in answered if a[3] > 10]
+    assert not wrong and not slow
+    assert len(answered) == len(fields) * len(payloads)
+    kind, body = _call(url, "generate", [[], *gen, *slots], seconds=120)
+    assert kind == "complete" and "Seed: 1" in body
+    after = {p: p.stat().st_mtime_ns for p in [*out.rglob("*"), *loras.rglob("*")] if p.is_file()}
+    changed = [p for p in after if before.get(p) != after[p]]
+    blends = {loras / f"{p.removesuffix('.safetensors')}.safetensors" for label, p, kind, _ in answered
+              if label == "save_blend (name)" and kind == "complete"}
+    assert [p for p in changed if p.parent == out] and not (loras / "payload-blend.safetensors").exists()
+    assert all(p in blends or p.is_relative_to(out) and (p.parent == out and p.suffix == ".png" or ".gradio" in p.parts)
+               for p in changed)
+
+
+def test_output_names_never_come_from_the_prompt(server):
+    """The prompt is text in the picture's recipe, never part of its file name."""
+    from gradio_client import Client
+
+    client = Client(server["url"], verbose=False)
+    for prompt in ("../../escaped", "/etc/passwd", "CON", "name.safetensors <b>", "a/b\\c:d*e?f"):
+        gallery, _, _ = client.predict([], "fast", prompt, "", 5, 2, 7.0, 64, 64, 1, 1, "Euler",
+                                       *["", 1.0, 1.0] * 6, api_name="/generate")
+        saved = Path(gallery[0]["image"])
+        written = sorted(server["out"].glob("*.png"), key=lambda p: p.stat().st_mtime_ns)[-1]
+        assert re.fullmatch(r"\d{5}-5\.png", written.name), written.name
+        assert read_png_parameters(written)["prompt"] == prompt and saved.suffix == ".png"

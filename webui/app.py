@@ -147,7 +147,7 @@ class Studio:
         from sdlora.errors import ConfigError
         from sdlora.tools.merge import Item, merge, write_merge
 
-        name = str(name or "").strip()
+        name = str(name or "").strip().removesuffix(".safetensors")
         if not re.fullmatch(r"[\w.\- ]+", name) or name.startswith("."):
             raise ConfigError(f"name {name!r}: use letters, digits, spaces, '.', '-' or '_'")
         folder = self.engine.library.folder
