@@ -31,6 +31,7 @@ def opt(default: Any = None, help: str = "", *, choices: tuple | None = None, fa
     return field(default=default, metadata=meta)
 
 
+OUTPUTS = Path("outputs")  # every command's default output folder
 PRESETS = ("attn", "attn-mlp", "full")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
@@ -45,14 +46,14 @@ QUANTIZE = ("", "int8", "nf4")
 class DataConfig:
     data: Path | None = opt(None, "Folder of training images with caption files (searched recursively).")
     reg_data: Path | None = opt(None, "Folder of regularisation images (kohya's reg_data_dir, DreamBooth's prior preservation): the same scenes without the style, never given the trigger; as many are mixed into every epoch as there are training samples.")
-    resolution: int = opt(512, "Training resolution; buckets hold about resolution² pixels.")
+    resolution: int = opt(0, "Training resolution; buckets hold about resolution² pixels (0: the base's native size: 512 for SD 1.x and 2.x-base, 768 for 2.x-v, 1024 for SDXL, 32 for the toy base).")
     default_caption: str = opt("", "Caption for images without a caption file (default: the folder's class token).")
     trigger: str = opt("", "Trigger word(s) put first in every caption.")
     shuffle_tags: bool = opt(False, "Shuffle comma-separated caption tags each time an image is used.")
     keep_tags: int = opt(0, "With --shuffle-tags, keep this many leading tags in place.")
     caption_dropout: float = opt(0.0, "Probability of training an image with an empty caption.")
     bucket: bool = opt(True, "Aspect-ratio bucketing; off: every image is cropped to a square.")
-    bucket_step: int = opt(64, "Bucket sides are multiples of this many pixels.")
+    bucket_step: int = opt(0, "Bucket sides are multiples of this many pixels (0: 64, or the resolution when that is smaller).")
     upscale: bool = opt(False, "Allow buckets larger than the image (upscaling small images).")
     flip: bool = opt(False, "Random horizontal flip.")
     crop: str = opt("center", "How an image is cropped to its bucket.", choices=CROPS)
@@ -62,17 +63,25 @@ class DataConfig:
             self.data = Path(self.data)
         if self.reg_data is not None:
             self.reg_data = Path(self.reg_data)
-        _positive("resolution", self.resolution)
-        _positive("bucket_step", self.bucket_step)
-        if self.bucket_step > self.resolution:
+        for name in ("resolution", "bucket_step"):  # 0: fitted to the base when the run starts (`fitted`)
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be > 0 (or 0 for the default), got {getattr(self, name)}")
+        if self.resolution and self.bucket_step > self.resolution:
             raise ConfigError(f"bucket_step ({self.bucket_step}) is larger than resolution ({self.resolution}), so no "
                               f"bucket fits; pass a --bucket-step of at most {self.resolution} (a multiple of 8)")
         if self.resolution % 8:
             raise ConfigError(f"resolution must be a multiple of 8, got {self.resolution}")
+        if self.bucket_step % 8:
+            raise ConfigError(f"bucket_step must be a multiple of 8, got {self.bucket_step}")
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise ConfigError(f"caption_dropout must be between 0 and 1, got {self.caption_dropout}")
         if self.keep_tags < 0:
             raise ConfigError(f"keep_tags must be >= 0, got {self.keep_tags}")
+
+    def fitted(self, native: int) -> DataConfig:
+        """These options with a resolution and bucket step of 0 set for a base whose native size is `native`."""
+        resolution = self.resolution or native
+        return dataclasses.replace(self, resolution=resolution, bucket_step=self.bucket_step or min(64, resolution))
 
     @property
     def augments_images(self) -> bool:
@@ -122,7 +131,7 @@ class TrainConfig:
     base_config: str = opt("", "For a single-file --base: a diffusers folder or Hub id holding the model's configs and tokenizer (lets it load offline).")
     prediction_type: str = opt("", "Override the detected prediction type of the base.", choices=("", "epsilon", "v_prediction"))
     quantize_base: str = opt("", "Keep the frozen base's linear and convolution layers in 8 or 4 bits (QLoRA; the LoRA trains in full precision; needs torchao).", choices=QUANTIZE)
-    output_dir: Path = opt(Path("output"), "Folder for the adapter, checkpoints, samples and logs.")
+    output_dir: Path = opt(OUTPUTS, "Folder for the adapter, checkpoints, samples and logs.")
     name: str = opt("", "Adapter name (default: the data folder's name).")
     overwrite: bool = opt(False, "Replace an existing adapter of the same name instead of refusing.")
     steps: int = opt(0, "Optimizer steps to train (0: use --epochs).")
@@ -230,7 +239,7 @@ class StudioConfig:
     """Where `sdlora generate` and `sdlora webui` find their base and write images, and where the UI listens."""
 
     base: str = "tiny-sd"
-    output_dir: Path = Path("outputs")
+    output_dir: Path = OUTPUTS
     host: str = "127.0.0.1"
     port: int = 7860
 

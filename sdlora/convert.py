@@ -73,11 +73,22 @@ def info(path: Path) -> dict:
         "bundled_embeddings": {t: {k: list(v.shape) for k, v in parts.items()} for t, parts in lf.bundles.items()},
         "top_tags": [t for t, _ in tags.most_common(10)],
         "training": {k: meta[k] for k in TRAINING_KEYS if k in meta},
+        "effective_learning_rate": _effective_lr(meta, lf),
         "sshs_model_hash": meta.get("sshs_model_hash", ""),
         "computed_hash": digest,
         "short_hash": digest[:12],
         "hash_matches_metadata": meta.get("sshs_model_hash") in (None, digest),
     }
+
+
+def _effective_lr(meta: dict, lf) -> float | None:
+    """The UNet learning rate as it acted, lr x alpha / rank, when the metadata gives it and one scale holds."""
+    scales = {(m.alpha if m.alpha is not None else m.rank) / m.rank for m in lf.modules.values()}
+    try:
+        lr = float(meta.get("ss_unet_lr") or meta.get("ss_learning_rate") or "nan")
+    except ValueError:
+        return None
+    return lr * scales.pop() if len(scales) == 1 and lr == lr else None
 
 
 def format_info(d: dict) -> str:
@@ -95,6 +106,8 @@ def format_info(d: dict) -> str:
         lines.append(f"top tags: {', '.join(d['top_tags'])}")
     for k, v in d["training"].items():
         lines.append(f"{k}: {v}")
+    if d["effective_learning_rate"] is not None:
+        lines.append(f"effective learning rate (lr x alpha / rank): {d['effective_learning_rate']:.3g}")
     note = "" if d["hash_matches_metadata"] else " (metadata hash differs: the file was changed after saving)"
     lines.append(f"hash: {d['computed_hash']} (A1111 short hash {d['short_hash']}){note}")
     return "\n".join(lines)

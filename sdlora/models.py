@@ -113,6 +113,54 @@ def load_base(spec: str, *, prediction_type: str | None = None, seed: int = 0, c
     return base
 
 
+FAMILY_SIZES = {"sd1": 512, "sd2": 768, "sdxl": 1024}  # SD 2.x: 768 for the v models, 512 for 2.x-base
+
+
+def native_size(spec: str, *, prediction_type: str | None = None, download: bool = False) -> tuple[int, str]:
+    """The size the base was trained at (diffusers' default: the UNet's sample size x the VAE's scale), read from
+    configs or a checkpoint's header without loading any weights, and how it was found. A Hub id that is not in
+    the local cache is downloaded when `download` is true, else the size is assumed (and said so)."""
+    spec = str(spec)
+
+    def from_configs(unet: dict, vae: dict) -> int:
+        size = unet.get("sample_size", 64)
+        size = size[0] if isinstance(size, list | tuple) else size
+        return int(size) * 2 ** (len(vae.get("block_out_channels", (0,) * 4)) - 1)
+
+    if spec == "toy":
+        from .toy.base import UNET_CONFIG, VAE_CONFIG
+
+        return from_configs(UNET_CONFIG, VAE_CONFIG), "the toy base's native size"
+    if spec in TINY_UNETS:
+        return from_configs(TINY_UNETS[spec], TINY_VAE), f"{spec}'s native size"
+    path = Path(spec).expanduser()
+    if path.is_dir() and (path / "unet" / "config.json").is_file() and (path / "vae" / "config.json").is_file():
+        unet, vae = (json.loads((path / c / "config.json").read_text(encoding="utf-8")) for c in ("unet", "vae"))
+        return from_configs(unet, vae), f"{path.name}'s unet/config.json"
+    if path.suffix.lower() == ".safetensors" and path.is_file():
+        from safetensors import safe_open
+
+        from .safefiles import check_safetensors
+
+        check_safetensors(path)
+        with safe_open(str(path), "pt") as f:
+            family = checkpoint_family(f.keys())
+        if family == "sd2":
+            kind = prediction_type or sd2_prediction_type(path)[0] or "v_prediction"
+            return SD2_SETUP[kind][1], f"SD 2.x {'v' if kind == 'v_prediction' else 'base'} checkpoint"
+        return FAMILY_SIZES[family], f"{'SDXL' if family == 'sdxl' else 'SD 1.x'} checkpoint"
+    if _looks_like_hub_id(spec) and not path.exists():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = [try_to_load_from_cache(spec, f"{c}/config.json") for c in ("unet", "vae")]
+        if all(isinstance(c, str) for c in cached):
+            unet, vae = (json.loads(Path(c).read_text(encoding="utf-8")) for c in cached)
+            return from_configs(unet, vae), f"{spec}'s unet/config.json"
+        if download:  # what loading it would do first anyway
+            return native_size(str(_hub_folder(spec)))
+    return 512, "assumed (the base's configs could not be read; pass --resolution)"
+
+
 def _looks_like_hub_id(spec: str) -> bool:
     parts = spec.split("/")
     return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
@@ -137,14 +185,28 @@ def _clip_config(hidden: int, projection: int = 32):
     )
 
 
+TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
+                down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                layers_per_block=1, norm_num_groups=8, sample_size=64)
+TINY_UNETS = {
+    "tiny-sd": dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
+                    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                    cross_attention_dim=32, attention_head_dim=4, norm_num_groups=16),
+    "tiny-sdxl": dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
+                      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                      up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                      transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), use_linear_projection=True,
+                      addition_embed_type="text_time", addition_time_embed_dim=8,
+                      projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=32 + 48,
+                      norm_num_groups=16),
+}
+
+
 def _tiny_vae():
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        layers_per_block=1, norm_num_groups=8, sample_size=64,
-    )
+    return AutoencoderKL(**TINY_VAE)
 
 
 def _tiny_scheduler():
@@ -165,24 +227,11 @@ def build_tiny(name: str, seed: int = 0) -> Base:
     torch.manual_seed(seed)
     try:
         vae = _tiny_vae()
+        unet = UNet2DConditionModel(**TINY_UNETS[name])
         if name == "tiny-sd":
-            unet = UNet2DConditionModel(
-                sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
-                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-                cross_attention_dim=32, attention_head_dim=4, norm_num_groups=16,
-            )
             text_encoders = [CLIPTextModel(_clip_config(32))]
             tokenizers = [tiny_tokenizer()]
         elif name == "tiny-sdxl":
-            unet = UNet2DConditionModel(
-                sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
-                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-                transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), use_linear_projection=True,
-                addition_embed_type="text_time", addition_time_embed_dim=8,
-                projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=32 + 48, norm_num_groups=16,
-            )
             # Two encoders of different widths, as in SDXL (768 and 1280): tools that tell them apart by width (such
             # as diffusers' single-file loader) would mix up two of the same width.
             text_encoders = [CLIPTextModel(_clip_config(32)), CLIPTextModelWithProjection(_clip_config(48, 32))]
@@ -356,6 +405,11 @@ def _load_single_file(path: Path, config: str | None = None, prediction_type: st
 
 
 def _load_hub(repo: str) -> Base:
+    return _load_folder(_hub_folder(repo))
+
+
+def _hub_folder(repo: str) -> Path:
+    """The local folder of a Hub model, downloaded into the Hugging Face cache if it is not there yet."""
     from diffusers import DiffusionPipeline
 
     try:
@@ -373,4 +427,4 @@ def _load_hub(repo: str) -> Base:
     except Exception as e:
         raise ModelError(f"Hub model {repo!r}: download failed: {e}") from e
     del index
-    return _load_folder(folder)
+    return folder

@@ -12,7 +12,7 @@ import logging
 import math
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -25,7 +25,7 @@ from .data import scan_folder
 from .data.dataset import EpochPlan, Slot, TrainDataset, collate, latent_cache_key, seeded, to_training_image
 from .errors import ConfigError, DataError, FormatError, MissingDependencyError
 from .logs import plot_loss, read_csv, write_csv
-from .models import Base, load_base
+from .models import Base, load_base, native_size
 from .run import (
     COMPONENT_NAMES,
     Run,
@@ -67,7 +67,8 @@ class TrainResult:
 
 
 def train(cfg: TrainConfig, *, progress: bool = False) -> TrainResult:
-    run = _start(cfg)  # the data scanned and the output checked, before any model is loaded
+    cfg, defaults = fit_to_base(cfg)
+    run = _start(cfg, defaults)  # the data scanned and the output checked, before any model is loaded
     resume_from = _resume_path(cfg, run.out, run.name)
     if run.final_path.exists() and not cfg.overwrite:
         raise ConfigError(f"{run.final_path} already exists; pass another --name or --output-dir, or --overwrite to "
@@ -187,7 +188,37 @@ def _log_losses(run: Run, bar) -> None:
         bar.set_postfix(loss=f"{run.rows[-1][1]:.4f}", lr=f"{run.rows[-1][2]:.2e}")
 
 
-def _start(cfg: TrainConfig) -> Run:
+def fit_to_base(cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
+    """The options with a resolution and bucket step left at 0 fitted to the base (its native size, read from its
+    configs without loading it), and one line for each default saying where its value came from."""
+    if cfg.data.resolution and cfg.data.bucket_step:
+        return cfg, []
+    native, why = (0, "") if cfg.data.resolution else native_size(
+        cfg.base, prediction_type=cfg.prediction_type or None, download=True)
+    data = cfg.data.fitted(native)
+    notes = [] if cfg.data.resolution else [f"resolution {data.resolution} px: {why} (--resolution to change)"]
+    if not cfg.data.bucket_step:
+        notes.append(f"bucket step {data.bucket_step} px: the default, 64 or the resolution when smaller "
+                     "(--bucket-step to change)")
+    return replace(cfg, data=data), notes
+
+
+def learning_rate_notes(cfg: TrainConfig) -> tuple[str, str | None]:
+    """The learning rate as it acts (lr x alpha / rank: the update is scaled by alpha / rank), and a warning when
+    alpha is far below the rank, which makes the same lr train much more slowly."""
+    a = cfg.adapter
+    scale = a.lora_alpha / a.rank
+    line = (f"learning rate {cfg.lr:g} x alpha {a.lora_alpha:g} / rank {a.rank} = {cfg.lr * scale:.3g} effective"
+            + (f"; embeddings {cfg.embedding_lr:g}" if a.train_embedding else ""))
+    warning = None
+    if scale < 0.25:
+        warning = (f"alpha {a.lora_alpha:g} is far below rank {a.rank}: the update is scaled by {scale:.3g}, so "
+                   f"--lr {cfg.lr:g} trains like {cfg.lr * scale:.2g} would at alpha = rank. Raise --lr (kohya users "
+                   "with alpha 1 often use 1e-3 or more) or leave --alpha at its default (the rank).")
+    return line, warning
+
+
+def _start(cfg: TrainConfig, defaults: list[str] = ()) -> Run:
     """The run's accelerator and its data, scanned and summarised before any model is loaded."""
     accelerator = _accelerator(cfg)
     if cfg.data.data is None:
@@ -207,7 +238,11 @@ def _start(cfg: TrainConfig) -> Run:
     if run.main:
         for w in report.warnings + (reg.warnings if reg else []):
             log.warning(w)
-        log.info(report.summary(cfg.batch_size, accelerator.num_processes, cfg.grad_accum, reg))
+        lr_line, lr_warning = learning_rate_notes(cfg)
+        if lr_warning and not cfg.adapter.embedding_only:
+            log.warning(lr_warning)
+        log.info("\n".join([report.summary(cfg.batch_size, accelerator.num_processes, cfg.grad_accum, reg),
+                            *(f"  {line}" for line in [*defaults, lr_line])]))
     return run
 
 

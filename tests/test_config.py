@@ -1,7 +1,15 @@
 import pytest
 
 from sdlora.cli import build_parser, train_config_from_args
-from sdlora.config import Params, TrainConfig, build_config, load_toml, option_fields
+from sdlora.config import (
+    AdapterConfig,
+    DataConfig,
+    Params,
+    TrainConfig,
+    build_config,
+    load_toml,
+    option_fields,
+)
 from sdlora.errors import ConfigError
 
 
@@ -75,3 +83,56 @@ def test_unknown_key_and_missing_file():
 def test_invalid_values_are_rejected_at_construction(values, message):
     with pytest.raises(ConfigError, match=message):
         build_config(values)
+
+
+def _checkpoint(path, keys):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({k: torch.zeros(2) if k != "v_pred" else torch.zeros(1) for k in keys}, str(path))
+    return path
+
+
+def test_resolution_and_bucket_step_default_to_the_base(tmp_path):
+    """Read from configs or a checkpoint's header: nothing is loaded, and the summary says where each came from."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from sdlora.models import SD2_V_PROBE, native_size
+    from sdlora.train import fit_to_base
+
+    folder = tmp_path / "model"
+    for part, cfg in (("unet", {"sample_size": 96}), ("vae", {"block_out_channels": [128, 256, 512, 512]})):
+        (folder / part).mkdir(parents=True)
+        (folder / part / "config.json").write_text(json.dumps(cfg))
+    eps = tmp_path / "sd2-base.safetensors"  # SD 2.x-base: a narrow spread in ComfyUI's probe bias
+    save_file({"cond_stage_model.model.x": torch.zeros(2), SD2_V_PROBE: torch.zeros(320)}, str(eps))
+    cases = {"toy": 32, "tiny-sd": 64, "tiny-sdxl": 64, str(folder): 768,
+             str(_checkpoint(tmp_path / "sd15.safetensors", ["cond_stage_model.transformer.x"])): 512,
+             str(_checkpoint(tmp_path / "xl.safetensors", ["conditioner.embedders.1.x"])): 1024,
+             str(_checkpoint(tmp_path / "sd21.safetensors", ["cond_stage_model.model.x", "v_pred"])): 768,
+             str(eps): 512}
+    for base, size in cases.items():
+        assert native_size(base)[0] == size, base
+        cfg, notes = fit_to_base(TrainConfig(base=base))
+        assert (cfg.data.resolution, cfg.data.bucket_step) == (size, min(64, size))
+        assert notes[0].startswith(f"resolution {size} px: ") and "--resolution to change" in notes[0]
+        assert notes[1].startswith(f"bucket step {min(64, size)} px: the default")
+    cfg, notes = fit_to_base(TrainConfig(base="toy", data=DataConfig(resolution=48, bucket_step=16)))
+    assert (cfg.data.resolution, cfg.data.bucket_step, notes) == (48, 16, [])  # given values are kept
+    with pytest.raises(ConfigError, match="bucket_step must be a multiple of 8"):
+        DataConfig(bucket_step=12)
+
+
+def test_one_outputs_folder_and_the_effective_learning_rate():
+    from sdlora.config import StudioConfig
+    from sdlora.train import learning_rate_notes
+
+    assert TrainConfig().output_dir == StudioConfig.output_dir == build_parser().parse_args(
+        ["generate", "--prompt", "x"]).output_dir
+    line, warning = learning_rate_notes(TrainConfig(lr=1e-3, adapter=AdapterConfig(rank=32, alpha=1)))
+    assert line == "learning rate 0.001 x alpha 1 / rank 32 = 3.13e-05 effective"
+    assert "alpha 1 is far below rank 32" in warning and "1e-3 or more" in warning
+    assert learning_rate_notes(TrainConfig(adapter=AdapterConfig(rank=16, alpha=8)))[1] is None

@@ -64,7 +64,8 @@ def test_captions_in_unicode_with_a_byte_order_mark_are_read(tmp_path, encoding)
 
 def test_resolution_below_the_bucket_step_is_one_line(tmp_path, capsys):
     data = make_dataset(tmp_path / "data", n=1, size=(32, 32))
-    assert main(["-q", "train", "--data", str(data), "--resolution", "32", "--output-dir", str(tmp_path / "o")]) == 2
+    assert main(["-q", "train", "--data", str(data), "--resolution", "32", "--bucket-step", "64",
+                 "--output-dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.strip() == ("error: bucket_step (64) is larger than resolution (32), so no bucket fits; pass a "
                            "--bucket-step of at most 32 (a multiple of 8)")

@@ -429,3 +429,17 @@ def test_regularisation_images_train_and_are_recorded(tmp_path, dataset, caplog)
         (tmp_path / "empty").mkdir()
         train(TrainConfig(base="tiny-sd", output_dir=tmp_path / "o2", steps=1,
                           data=DataConfig(data=dataset, resolution=64, reg_data=tmp_path / "empty")))
+
+
+def test_every_default_fits_the_toy_base(tmp_path, monkeypatch, capfd):
+    """As a new user tries it: small images and no options but the base. Nothing is skipped as too small, the run
+    trains at the toy's 32 px, and the adapter lands in outputs/, the folder every other command uses."""
+    data = make_dataset(tmp_path / "mine", n=2, folder="", size=(32, 32))
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--base", "toy", "--data", str(data), "--steps", "1"]) == 0
+    printed = "".join(capfd.readouterr())
+    out = tmp_path / "outputs" / "mine.safetensors"
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_resolution"] == "(32, 32)" and meta["ss_num_train_images"] == "2"
+    assert "resolution 32 px: the toy base's native size" in printed and "2 images used, 0 skipped" in printed
