@@ -33,6 +33,9 @@ UNETS = {
                  cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
                  projection_class_embeddings_input_dim=2816),
 }
+SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+              down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+              layers_per_block=2, norm_num_groups=32, sample_size=512)  # SD 1.x, 2.x and SDXL share this shape
 TEXT_ENCODERS = {"sd1": [CLIP_L], "sd2": [OPENCLIP_H], "sdxl": [CLIP_L, OPENCLIP_BIGG]}
 TITLES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 

@@ -51,6 +51,20 @@ def train_config_from_args(ns: argparse.Namespace):
     return build_config(values)
 
 
+def cmd_doctor(ns: argparse.Namespace) -> int:
+    import json
+
+    from .doctor import diagnose
+
+    if ns.folder is not None:
+        ns.data = ns.folder
+    cfg = train_config_from_args(ns)
+    folder = Path(cfg.data.data) if cfg.data.data else Path(".")
+    report = diagnose(cfg, sheet=ns.sheet or cfg.output_dir / f"doctor-{folder.resolve().name}.png")
+    print(json.dumps(report.to_json(), indent=2) if ns.json else report.text())
+    return 0
+
+
 def cmd_train(ns: argparse.Namespace) -> int:
     from .train import train
 
@@ -252,6 +266,20 @@ def build_parser() -> argparse.ArgumentParser:
                 description="Train a LoRA on a folder of captioned images.")
     add_train_options(p)
     p.set_defaults(func=cmd_train)
+
+    p = command("doctor", help="Check a training folder before a run: used and skipped images, captions, "
+                "duplicates, buckets, crops, tags, memory.",
+                description="Report on a training folder as a run with these options would see it, loading no "
+                            "model: images used and skipped (and why), caption coverage, near-duplicates, images "
+                            "smaller than the resolution, buckets, the worst crops (a contact sheet PNG), samples "
+                            "and steps per epoch, tag frequencies and the trigger's coverage, and the memory the "
+                            "run needs. Takes every train option.")
+    p.add_argument("folder", type=Path, nargs="?", help="The training folder (or --data).")
+    p.add_argument("--json", action="store_true", help="One JSON object instead of text.")
+    p.add_argument("--sheet", type=Path, help="Where to write the contact sheet of the worst crops (default: "
+                                              "doctor-FOLDER.png in --output-dir).")
+    add_train_options(p)
+    p.set_defaults(func=cmd_doctor)
 
     p = command("generate", help="Generate images with a base and a blend of LoRAs.",
                 description="Generate images with a base model and a weighted blend of LoRAs. Prompts may "

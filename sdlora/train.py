@@ -12,7 +12,7 @@ import logging
 import math
 import re
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from . import embeddings, lora
 from .adapters import write_adapter
 from .config import TrainConfig
-from .data import scan_folder
 from .data.dataset import EpochPlan, Slot, TrainDataset, collate, latent_cache_key, seeded, to_training_image
+from .doctor import diagnose, learning_rate_notes
 from .errors import ConfigError, DataError, FormatError, MissingDependencyError
 from .logs import plot_loss, read_csv, write_csv
-from .models import Base, load_base, native_size
+from .models import Base, load_base
 from .run import (
     COMPONENT_NAMES,
     Run,
@@ -67,8 +67,8 @@ class TrainResult:
 
 
 def train(cfg: TrainConfig, *, progress: bool = False) -> TrainResult:
-    cfg, defaults = fit_to_base(cfg)
-    run = _start(cfg, defaults)  # the data scanned and the output checked, before any model is loaded
+    run = _start(cfg)  # the data checked and the options fitted to the base, before any model is loaded
+    cfg = run.cfg
     resume_from = _resume_path(cfg, run.out, run.name)
     if run.final_path.exists() and not cfg.overwrite:
         raise ConfigError(f"{run.final_path} already exists; pass another --name or --output-dir, or --overwrite to "
@@ -188,61 +188,23 @@ def _log_losses(run: Run, bar) -> None:
         bar.set_postfix(loss=f"{run.rows[-1][1]:.4f}", lr=f"{run.rows[-1][2]:.2e}")
 
 
-def fit_to_base(cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
-    """The options with a resolution and bucket step left at 0 fitted to the base (its native size, read from its
-    configs without loading it), and one line for each default saying where its value came from."""
-    if cfg.data.resolution and cfg.data.bucket_step:
-        return cfg, []
-    native, why = (0, "") if cfg.data.resolution else native_size(
-        cfg.base, prediction_type=cfg.prediction_type or None, download=True)
-    data = cfg.data.fitted(native)
-    notes = [] if cfg.data.resolution else [f"resolution {data.resolution} px: {why} (--resolution to change)"]
-    if not cfg.data.bucket_step:
-        notes.append(f"bucket step {data.bucket_step} px: the default, 64 or the resolution when smaller "
-                     "(--bucket-step to change)")
-    return replace(cfg, data=data), notes
-
-
-def learning_rate_notes(cfg: TrainConfig) -> tuple[str, str | None]:
-    """The learning rate as it acts (lr x alpha / rank: the update is scaled by alpha / rank), and a warning when
-    alpha is far below the rank, which makes the same lr train much more slowly."""
-    a = cfg.adapter
-    scale = a.lora_alpha / a.rank
-    line = (f"learning rate {cfg.lr:g} x alpha {a.lora_alpha:g} / rank {a.rank} = {cfg.lr * scale:.3g} effective"
-            + (f"; embeddings {cfg.embedding_lr:g}" if a.train_embedding else ""))
-    warning = None
-    if scale < 0.25:
-        warning = (f"alpha {a.lora_alpha:g} is far below rank {a.rank}: the update is scaled by {scale:.3g}, so "
-                   f"--lr {cfg.lr:g} trains like {cfg.lr * scale:.2g} would at alpha = rank. Raise --lr (kohya users "
-                   "with alpha 1 often use 1e-3 or more) or leave --alpha at its default (the rank).")
-    return line, warning
-
-
-def _start(cfg: TrainConfig, defaults: list[str] = ()) -> Run:
-    """The run's accelerator and its data, scanned and summarised before any model is loaded."""
+def _start(cfg: TrainConfig) -> Run:
+    """The run's accelerator and its data, checked by the dataset doctor and reported before any model is loaded."""
     accelerator = _accelerator(cfg)
-    if cfg.data.data is None:
-        raise ConfigError("no training data: pass --data FOLDER (or `data = \"...\"` in the config file)")
-    report = scan_folder(cfg.data.data, resolution=cfg.data.resolution, bucket_step=cfg.data.bucket_step,
-                         bucket=cfg.data.bucket, upscale=cfg.data.upscale, default_caption=cfg.data.default_caption,
-                         trigger=cfg.data.trigger)
-    reg = None
-    if cfg.data.reg_data is not None:
-        reg = scan_folder(cfg.data.reg_data, resolution=cfg.data.resolution, bucket_step=cfg.data.bucket_step,
-                          bucket=cfg.data.bucket, upscale=cfg.data.upscale, reg=True)
-    run = Run(cfg, accelerator, report, adapter_name(cfg), reg=reg)
+    doctor = diagnose(cfg, processes=accelerator.num_processes, require=True, memory=accelerator.is_main_process)
+    report = doctor.scan
+    run = Run(doctor.cfg, accelerator, report, adapter_name(doctor.cfg), reg=doctor.reg)
     for token in run.new_tokens:
         if not any(token in item.caption for item in report.items):
             raise DataError(f"--train-embedding {token}: no caption in {report.root} holds {token!r}, so its "
                             f"embedding would never train; write it in the captions, or pass --trigger {token}")
     if run.main:
-        for w in report.warnings + (reg.warnings if reg else []):
+        for w in report.warnings + (doctor.reg.warnings if doctor.reg else []):
             log.warning(w)
-        lr_line, lr_warning = learning_rate_notes(cfg)
-        if lr_warning and not cfg.adapter.embedding_only:
+        lr_line, lr_warning = learning_rate_notes(doctor.cfg)
+        if lr_warning:
             log.warning(lr_warning)
-        log.info("\n".join([report.summary(cfg.batch_size, accelerator.num_processes, cfg.grad_accum, reg),
-                            *(f"  {line}" for line in [*defaults, lr_line])]))
+        log.info(doctor.text() + f"\n{lr_line}")
     return run
 
 

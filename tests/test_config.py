@@ -101,7 +101,7 @@ def test_resolution_and_bucket_step_default_to_the_base(tmp_path):
     from safetensors.torch import save_file
 
     from sdlora.models import SD2_V_PROBE, native_size
-    from sdlora.train import fit_to_base
+    from sdlora.doctor import fit_to_base
 
     folder = tmp_path / "model"
     for part, cfg in (("unet", {"sample_size": 96}), ("vae", {"block_out_channels": [128, 256, 512, 512]})):
@@ -128,7 +128,7 @@ def test_resolution_and_bucket_step_default_to_the_base(tmp_path):
 
 def test_one_outputs_folder_and_the_effective_learning_rate():
     from sdlora.config import StudioConfig
-    from sdlora.train import learning_rate_notes
+    from sdlora.doctor import learning_rate_notes
 
     assert TrainConfig().output_dir == StudioConfig.output_dir == build_parser().parse_args(
         ["generate", "--prompt", "x"]).output_dir

@@ -70,9 +70,15 @@ def test_kohya_repeats_and_tag_frequency(tmp_path):
     assert reps == {"10_style": 10, "plain": 1}
     assert report.samples_per_epoch == 21
     assert report.tag_frequency()["10_style"] == {"sks": 2, "red": 2, "circle": 2}
-    assert "3 images used" in report.summary()
+    from sdlora.config import TrainConfig
+    from sdlora.doctor import diagnose
+
+    doctor = diagnose(TrainConfig(batch_size=4, grad_accum=4, data=DataConfig(data=root, resolution=64, bucket_step=32)),
+                      memory=False)
+    text = doctor.text()
+    assert "3 images found, 3 used, 0 skipped" in text and "10_style: 2 images x 10 repeats" in text
     # 21 samples in batches of 4: 6 batches per epoch; with 4 micro-batches per step that is 2 optimizer steps
-    assert "batches per epoch (batch 4 x 1 processes): 6, optimizer steps 2 (grad accum 4)" in report.summary(4, 1, 4)
+    assert "3 images x repeats = 21 samples per epoch: 6 batches of 4, 2 optimizer steps per epoch" in text
 
 
 def test_trigger_goes_first_once(tmp_path):

@@ -442,4 +442,6 @@ def test_every_default_fits_the_toy_base(tmp_path, monkeypatch, capfd):
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
     assert meta["ss_resolution"] == "(32, 32)" and meta["ss_num_train_images"] == "2"
-    assert "resolution 32 px: the toy base's native size" in printed and "2 images used, 0 skipped" in printed
+    assert "resolution 32 px: the toy base's native size" in printed and "2 images found, 2 used, 0 skipped" in printed
+    # the dataset doctor's report comes before the base loads: captions, buckets, memory
+    assert "captions: all present and readable" in printed and "estimated training memory" in printed

@@ -8,7 +8,6 @@ times with `name` as the class token for uncaptioned images.
 from __future__ import annotations
 
 import codecs
-import math
 import re
 import warnings
 from collections import Counter
@@ -70,29 +69,14 @@ class ScanReport:
         common = set.intersection(*(set(split_tags(i.caption)) for i in self.items))
         return [t for t in split_tags(self.items[0].caption) if t in common and " " not in t]
 
-    def summary(self, batch_size: int = 1, num_processes: int = 1, grad_accum: int = 1,
-                reg: ScanReport | None = None) -> str:
-        lines = [f"dataset {self.root}: {len(self.items)} images used, {len(self.skipped)} skipped, "
-                 f"{self.samples_per_epoch} samples per epoch with repeats"]
-        if reg is not None:
-            lines.append(f"  regularisation: {len(reg.items)} images from {reg.root} ({len(reg.skipped)} skipped), "
-                         f"{self.samples_per_epoch} of them used per epoch")
-        folders = Counter()
-        for i in self.items:
-            folders[(i.folder, i.repeats)] += 1
-        for (folder, reps), n in sorted(folders.items()):
-            lines.append(f"  {folder}: {n} images x {reps} repeats")
-        for b, n in sorted(self.buckets().items()):
-            lines.append(f"  bucket {b.width}x{b.height}: {n} samples")
+    def epoch_buckets(self, reg: ScanReport | None = None) -> Counter:
+        """Samples per bucket in one epoch: the training samples, and with `reg` as many regularisation samples,
+        drawn in turn as EpochPlan draws them."""
         buckets = self.buckets()
-        if reg is not None:  # as EpochPlan draws them: as many as there are training samples, in turn
+        if reg is not None:
             pool = [i.bucket for i in reg.items for _ in range(i.repeats)]
             buckets.update(pool[k % len(pool)] for k in range(self.samples_per_epoch))
-        batches = sum(math.ceil(n / (batch_size * num_processes)) for n in buckets.values())
-        lines.append(f"  batches per epoch (batch {batch_size} x {num_processes} processes): {batches}"
-                     + (f", optimizer steps {math.ceil(batches / grad_accum)} (grad accum {grad_accum})"
-                        if grad_accum > 1 else ""))
-        return "\n".join(lines)
+        return buckets
 
 
 BOMS = [(codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF16_LE, "utf-16"),
@@ -144,7 +128,9 @@ def image_size(path: Path) -> tuple[int, int]:
 
 
 def scan_folder(root: Path, *, resolution: int, bucket_step: int, bucket: bool = True, upscale: bool = False,
-                default_caption: str = "", trigger: str = "", reg: bool = False) -> ScanReport:
+                default_caption: str = "", trigger: str = "", reg: bool = False, require: bool = True) -> ScanReport:
+    """The usable images of `root` and why the others are not; raises DataError when none is usable (unless not
+    `require`: the dataset doctor reports an empty result too)."""
     root = Path(root)
     if not root.exists():
         raise DataError(f"data folder not found: {root}")
@@ -205,7 +191,7 @@ def scan_folder(root: Path, *, resolution: int, bucket_step: int, bucket: bool =
     if orphans:
         report.warnings.append(f"{len(orphans)} caption file(s) have no image beside them ({_names(orphans)}); "
                                "they are not used")
-    if not report.items:
+    if not report.items and require:
         why = f"; {len(report.skipped)} file(s) skipped, see the warnings" if report.skipped else ""
         what = "regularisation image (--reg-data)" if reg else "image"
         raise DataError(f"no usable {what} in {root} (looked for {', '.join(IMAGE_EXTS)} recursively){why}")
