@@ -65,6 +65,21 @@ def cmd_doctor(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(ns: argparse.Namespace) -> int:
+    import json
+
+    from .report import make_report
+
+    report = make_report(ns.run_dir, ns.name)
+    rec = report["recommended"]
+    if ns.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"recommended: {rec['file']} at weight {rec['weight']:g} ({rec['why']})\n"
+              f"scores: {'; '.join(report['scores']) or 'none'}\nreport: {Path(ns.run_dir) / 'report.html'}")
+    return 0
+
+
 def cmd_train(ns: argparse.Namespace) -> int:
     from .train import train
 
@@ -280,6 +295,17 @@ def build_parser() -> argparse.ArgumentParser:
                                               "doctor-FOLDER.png in --output-dir).")
     add_train_options(p)
     p.set_defaults(func=cmd_doctor)
+
+    p = command("report", help="Which checkpoint of a run, at which weight: scored grids as one HTML page.",
+                description="For every saved checkpoint of a training run at weights 0, 0.5, 0.75 and 1: "
+                            "fixed-seed images of the sample prompts, scored (toy style and content on the toy "
+                            "base; validation loss with --validation-split or --validation-data), a recommended "
+                            "checkpoint and weight written into its metadata and A1111 sidecar, and report.html "
+                            "and report.json in the run folder.")
+    p.add_argument("run_dir", type=Path, help="The run's --output-dir (holding NAME.toml and NAME.safetensors).")
+    p.add_argument("--name", help="Which run, when the folder holds several.")
+    p.add_argument("--json", action="store_true", help="Print the report as JSON.")
+    p.set_defaults(func=cmd_report)
 
     p = command("generate", help="Generate images with a base and a blend of LoRAs.",
                 description="Generate images with a base model and a weighted blend of LoRAs. Prompts may "

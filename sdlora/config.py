@@ -8,6 +8,7 @@ fields here. Names are flat and unique across groups so that `--rank 8` on the c
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import sys
 import typing
@@ -46,6 +47,8 @@ QUANTIZE = ("", "int8", "nf4")
 class DataConfig:
     data: Path | None = opt(None, "Folder of training images with caption files (searched recursively).")
     reg_data: Path | None = opt(None, "Folder of regularisation images (kohya's reg_data_dir, DreamBooth's prior preservation): the same scenes without the style, never given the trigger; as many are mixed into every epoch as there are training samples.")
+    validation_split: float = opt(0.0, "Hold out this share of the training images (at least one) for the selection report's validation loss; they never train.")
+    validation_data: Path | None = opt(None, "Folder of held-out images with captions for the selection report's validation loss (instead of --validation-split).")
     resolution: int = opt(0, "Training resolution; buckets hold about resolution² pixels (0: the base's native size: 512 for SD 1.x and 2.x-base, 768 for 2.x-v, 1024 for SDXL, 32 for the toy base).")
     default_caption: str = opt("", "Caption for images without a caption file (default: the folder's class token).")
     trigger: str = opt("", "Trigger word(s) put first in every caption.")
@@ -63,6 +66,12 @@ class DataConfig:
             self.data = Path(self.data)
         if self.reg_data is not None:
             self.reg_data = Path(self.reg_data)
+        if self.validation_data is not None:
+            self.validation_data = Path(self.validation_data)
+        if not 0.0 <= self.validation_split < 1.0:
+            raise ConfigError(f"validation_split must be in [0, 1), got {self.validation_split}")
+        if self.validation_split and self.validation_data is not None:
+            raise ConfigError("pass --validation-split or --validation-data, not both")
         for name in ("resolution", "bucket_step"):  # 0: fitted to the base when the run starts (`fitted`)
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be > 0 (or 0 for the default), got {getattr(self, name)}")
@@ -158,6 +167,7 @@ class TrainConfig:
     cache_text: bool = opt(True, "Cache text embeddings when the text encoders are frozen and captions fixed.")
     cache_dir: Path | None = opt(None, "Keep the latent cache on disk in this folder (default: in memory).")
     save_every: int = opt(0, "Write an intermediate adapter and resumable state every N steps (0: off).")
+    report: bool = opt(False, "After training, write the selection report (report.html, report.json): every saved checkpoint at weights 0 to 1, scored, with a recommended checkpoint and weight (as `sdlora report`).")
     resume: str = opt("", "Continue a run: 'latest' or the path of a state file.")
     sample_prompt: list[str] = opt(help="Prompt for sample images (repeatable).", factory=list)
     sample_every: int = opt(0, "Write sample images every N steps (0: only at the end when prompts are given).")
@@ -304,6 +314,29 @@ def build_config(values: dict[str, Any]) -> TrainConfig:
         return TrainConfig(**top, data=DataConfig(**grouped["data"]), adapter=AdapterConfig(**grouped["adapter"]))
     except TypeError as e:  # a wrong type slipped through (e.g. from TOML)
         raise ConfigError(str(e)) from e
+
+
+def dump_toml(cfg: TrainConfig) -> str:
+    """The options as a TOML file `load_toml` reads back to the same TrainConfig ([dataset], [adapter], [train])."""
+    def value(v) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return json.dumps(str(v))  # a JSON string is a valid TOML basic string
+
+    tables = {"dataset": cfg.data, "adapter": cfg.adapter, "train": cfg}
+    out = []
+    for table, obj in tables.items():
+        out.append(f"[{table}]")
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if not (obj is cfg and f.name in GROUPS) and v is not None:
+                out.append(f"{f.name} = {value(v)}")
+        out.append("")
+    return "\n".join(out)
 
 
 def load_toml(path: Path) -> dict[str, Any]:

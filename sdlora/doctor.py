@@ -76,6 +76,7 @@ class DatasetReport:
     memory: object = None  # memory.Estimate, or None when the architecture cannot be read
     processes: int = 1
     reg: ScanReport | None = None  # the regularisation images (--reg-data)
+    held_out: list = field(default_factory=list)  # images kept out of training for validation (--validation-split)
 
     @property
     def buckets(self) -> dict[str, int]:
@@ -99,7 +100,7 @@ class DatasetReport:
     def to_json(self) -> dict:
         images = len(self.scan.items) + len(self.scan.skipped)
         return {
-            "folder": str(self.root), "resolution": self.cfg.data.resolution, "bucket_step": self.cfg.data.bucket_step,
+            "folder": str(self.root), "held_out": [str(i.path) for i in self.held_out], "resolution": self.cfg.data.resolution, "bucket_step": self.cfg.data.bucket_step,
             "defaults": self.defaults, "images": {"found": images, "used": len(self.scan.items),
                                                   "skipped": {str(p): why for p, why in self.scan.skipped}},
             "captions": self.captions, "token_limit": self.token_limit, "tokens_estimated": self.tokens_estimated,
@@ -124,6 +125,9 @@ class DatasetReport:
         if self.reg is not None:
             lines.append(f"  regularisation: {len(self.reg.items)} images from {self.reg.root} ({len(self.reg.skipped)} "
                          f"skipped), {s.samples_per_epoch} of them used per epoch")
+        if self.held_out:
+            lines.append(f"  {len(self.held_out)} held out for validation (--validation-split): "
+                         f"{_few([i.path.name for i in self.held_out])}")
         lines += [f"  {line}" for line in self.defaults]
         problems = {k: v for k, v in self.captions.items() if v}
         lines.append("captions: " + ("all present and readable" if not problems else "; ".join(
@@ -161,6 +165,19 @@ class DatasetReport:
         return "\n".join(lines)
 
 
+def split_validation(items: list, share: float, seed: int) -> tuple[list, list]:
+    """(training items, held-out items): `share` of the images (at least one), chosen by the seed, so the same
+    options always hold out the same images (the selection report finds them again)."""
+    import random
+
+    k = max(1, round(len(items) * share))
+    if k >= len(items):
+        raise DataError(f"--validation-split {share} would hold out all {len(items)} images; lower it, or pass "
+                        "--validation-data DIR")
+    held = set(random.Random(seed).sample(range(len(items)), k))
+    return [i for n, i in enumerate(items) if n not in held], [i for n, i in enumerate(items) if n in held]
+
+
 def _few(names: list[str]) -> str:
     return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
@@ -179,6 +196,8 @@ def diagnose(cfg: TrainConfig, *, sheet: Path | None = None, processes: int = 1,
     reg = None if d.reg_data is None else scan_folder(d.reg_data, resolution=d.resolution, bucket_step=d.bucket_step,
                                                        bucket=d.bucket, upscale=d.upscale, reg=True, require=require)
     report = DatasetReport(Path(d.data), scan, cfg, defaults, processes=processes, reg=reg)
+    if d.validation_split and scan.items:
+        scan.items, report.held_out = split_validation(scan.items, d.validation_split, cfg.seed)
     tokenizer, report.token_limit = _tokenizer(cfg.base)
     report.tokens_estimated = tokenizer is None
     report.captions = _captions(scan, tokenizer, report.token_limit)

@@ -104,6 +104,20 @@ class LoraInfo:
     preview: Path | None
     compatible: bool
     problem: str = ""
+    report: Path | None = None  # the selection report of the run that made it (report.html beside it)
+
+
+def _report_of(path: Path, root: Path) -> Path | None:
+    """The run's report.html beside a LoRA, when its report.json lists this file among the run's checkpoints."""
+    import json
+
+    report = path.with_name("report.json")
+    if not (report.is_file() and report.resolve().is_relative_to(root) and path.with_name("report.html").is_file()):
+        return None
+    with contextlib.suppress(ValueError, UnicodeDecodeError, AttributeError, TypeError, KeyError):
+        if path.name in {c["file"] for c in json.loads(report.read_text(encoding="utf-8"))["checkpoints"]}:
+            return path.with_name("report.html").resolve()
+    return None
 
 
 class LoraLibrary:
@@ -154,6 +168,8 @@ class LoraLibrary:
         except FormatError as e:
             return LoraInfo(name, real, None, 0, "?", [], 1.0, None, False, str(e))
         weight = 1.0
+        with contextlib.suppress(ValueError):
+            weight = float(lf.metadata.get("sdlora_preferred_weight") or 1.0)
         sidecar = path.with_suffix(".json")
         if sidecar.is_file() and sidecar.resolve().is_relative_to(root):
             with contextlib.suppress(ValueError, UnicodeDecodeError, AttributeError, TypeError):
@@ -164,7 +180,7 @@ class LoraLibrary:
         problem = "" if ok else f"made for {lf.family}, the base is {self.family}"
         rank = Counter(m.rank for m in lf.modules.values()).most_common(1)[0][0]
         return LoraInfo(name, real, lf.family, rank, lf.kind, trigger_words(real, lf.metadata, lf.bundles), weight, preview, ok,
-                        problem)
+                        problem, _report_of(path, root))
 
     def get(self, name: str) -> LoraInfo:
         entry = self.entries.get(name)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from . import embeddings, lora
 from .adapters import write_adapter
-from .config import TrainConfig
+from .config import TrainConfig, dump_toml
 from .data.dataset import EpochPlan, Slot, TrainDataset, collate, latent_cache_key, seeded, to_training_image
 from .doctor import diagnose, learning_rate_notes
 from .errors import ConfigError, DataError, FormatError, MissingDependencyError
@@ -37,7 +37,7 @@ from .run import (
     write_samples,
     write_sidecars,
 )
-from .safefiles import read_safetensors, write_safetensors
+from .safefiles import atomic_write_bytes, read_safetensors, write_safetensors
 from .safety import optimizer_step, save_and_stop, signals
 from .state import load_state, states
 
@@ -74,6 +74,9 @@ def train(cfg: TrainConfig, *, progress: bool = False) -> TrainResult:
         raise ConfigError(f"{run.final_path} already exists; pass another --name or --output-dir, or --overwrite to "
                           "replace it" if resume_from is None else f"{run.final_path} already exists and the resumed "
                           "run would replace it; pass --overwrite to allow that, or copy it away first")
+    if run.main:  # the options as run, to repeat it with --config or to report on it (`sdlora report`)
+        run.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(run.out / f"{run.name}.toml", dump_toml(cfg).encode())
     optimizer_cls = _optimizer_class(cfg.optimizer)
     base_params, params = _load_and_inject(run)
     dataset, plan = _dataset_and_caches(run)
@@ -147,6 +150,11 @@ def train(cfg: TrainConfig, *, progress: bool = False) -> TrainResult:
         plot_loss(run.out / "loss.png", run.rows)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if cfg.report and run.main:
+        from .report import make_report
+
+        rec = make_report(run.out, run.name)["recommended"]
+        log.info(f"selection report: {run.out / 'report.html'}; recommended {rec['file']} at weight {rec['weight']:g}")
     return TrainResult(run.final_path, run.name, run.step, loop_seconds, sum(p.numel() for p in params), base_params,
                        len(blob), time.time() - run.started, [r[1] for r in run.rows], run.samples, run.skipped)
 

@@ -33,7 +33,8 @@ def _cards(engine: Engine) -> list[list]:
     rows = []
     for e in engine.library.entries.values():
         status = "ok" if e.compatible else f"cannot apply: {e.problem}"
-        rows.append([e.name, e.family or "?", e.rank, ", ".join(e.triggers), e.preferred_weight, e.kind, status])
+        rows.append([e.name, e.family or "?", e.rank, ", ".join(e.triggers), e.preferred_weight, e.kind, status,
+                     "yes" if e.report else ""])
     return rows
 
 
@@ -167,6 +168,18 @@ class Studio:
         self.usable = [n for n, e in self.engine.library.entries.items() if e.compatible]
         return gr.update(choices=self.usable, value=list(selected or [])), f"saved {out.name} ({len(blend)} LoRAs)"
 
+    @friendly
+    def show_report(self, name):
+        """The selection report of the run that made this LoRA, in a sandboxed frame (its images are embedded)."""
+        import html
+
+        entry = self.engine.library.entries.get(str(name or ""))
+        if entry is None or entry.report is None:
+            return "<p>No selection report for this LoRA (sdlora report RUN_FOLDER writes one).</p>"
+        page = entry.report.read_text(encoding="utf-8")
+        return (f'<iframe sandbox srcdoc="{html.escape(page, quote=True)}" title="selection report" '
+                'style="width:100%;height:640px;border:0"></iframe>')
+
     @staticmethod
     def insert_trigger(sample, prompt):
         word = (sample[0] if isinstance(sample, list | tuple) else str(sample)).strip()
@@ -230,7 +243,8 @@ def _library(studio: Studio, prompt) -> dict:
     entries = studio.engine.library.entries.values()
     gr.Markdown("### LoRAs")
     gr.Dataframe(value=_cards(studio.engine), headers=["name", "family", "rank", "trigger words", "weight", "kind",
-                                                       "status"], interactive=False, wrap=True, elem_id="cards")
+                                                       "status", "report"], interactive=False, wrap=True,
+                 elem_id="cards")
     previews = [(e.preview, e.name) for e in entries if e.preview]
     if previews:
         from PIL import Image
@@ -277,6 +291,12 @@ def _tools(studio: Studio) -> dict:
             ui["y_values"] = gr.Textbox(value="1, 2", label="Y values", elem_id="y-values")
         ui["grid_go"] = gr.Button("Make grid", elem_id="grid")
         ui["grid_out"] = gr.Image(label="Grid", elem_id="grid-image", type="filepath")
+    reported = [e.name for e in studio.engine.library.entries.values() if e.report]
+    if reported:
+        with gr.Accordion("Selection report of a LoRA's run", open=False):
+            which = gr.Dropdown(reported, label="LoRA", elem_id="report-lora")
+            shown = gr.HTML(elem_id="report")
+            which.change(studio.show_report, which, shown)
     with gr.Accordion("Load parameters from a PNG", open=False):
         ui["png"] = gr.Image(type="pil", label="PNG with parameters", elem_id="png-info", image_mode=None)
         ui["load"] = gr.Button("Load into the form", elem_id="load-png")
