@@ -182,10 +182,11 @@ def _few(names: list[str]) -> str:
     return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
-def diagnose(cfg: TrainConfig, *, sheet: Path | None = None, processes: int = 1, memory: bool = True,
+def diagnose(cfg: TrainConfig, *, sheet: Path | None = None, processes: int = 1, thorough: bool = True,
              require: bool = False) -> DatasetReport:
     """The report on `cfg.data.data` (and `cfg.data.reg_data`) for a run of `cfg`, its resolution and bucket step
-    fitted to the base (`report.cfg`). Writes the contact sheet of the worst crops to `sheet` when given. Raises
+    fitted to the base (`report.cfg`). Writes the contact sheet of the worst crops to `sheet` when given; without
+    `thorough`, skips the costlier checks (near-duplicates decode every image again; the memory estimate). Raises
     DataError when a folder is missing, or (with `require`, as train does) when it holds no usable image."""
     cfg, defaults = fit_to_base(cfg)
     d = cfg.data
@@ -204,7 +205,8 @@ def diagnose(cfg: TrainConfig, *, sheet: Path | None = None, processes: int = 1,
     report.smaller = [i.path.name for i in scan.items if i.size[0] * i.size[1] < d.resolution ** 2]
     report.crops = sorted(((i.path.name, _cut(i.size, i.bucket)) for i in scan.items if _cut(i.size, i.bucket) > 0.01),
                           key=lambda t: -t[1])
-    report.duplicates = _near_duplicates([i.path for i in scan.items])
+    if thorough:
+        report.duplicates = _near_duplicates([i.path for i in scan.items])
     if sheet is not None and report.crops:
         report.sheet = _contact_sheet(scan, report.crops[:WORST_CROPS], Path(sheet))
     tags = Counter(t for i in scan.items for t in split_tags(i.caption))
@@ -215,7 +217,7 @@ def diagnose(cfg: TrainConfig, *, sheet: Path | None = None, processes: int = 1,
                       or next(iter(words), ("", 0))[0])
     if report.trigger and scan.items:
         report.trigger_coverage = sum(report.trigger in i.caption for i in scan.items) / len(scan.items)
-    if memory and scan.items:
+    if thorough and scan.items:
         from .memory import estimate
 
         largest = max(scan.epoch_buckets(reg), key=lambda b: b.width * b.height)

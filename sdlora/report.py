@@ -68,9 +68,9 @@ def _held_out(cfg: TrainConfig):
 
     if cfg.data.validation_data is not None:
         return diagnose(replace(cfg, data=replace(cfg.data, data=cfg.data.validation_data, validation_split=0.0,
-                                                  reg_data=None)), memory=False, require=True).scan.items
+                                                  reg_data=None)), thorough=False, require=True).scan.items
     if cfg.data.validation_split:
-        return diagnose(cfg, memory=False, require=True).held_out
+        return diagnose(cfg, thorough=False, require=True).held_out
     return []
 
 
@@ -128,7 +128,7 @@ def make_report(run_dir: Path, name: str | None = None, *, weights=WEIGHTS, writ
     run_dir = Path(run_dir)
     name, cfg = run_config(run_dir, name)
     ckpts = checkpoints(run_dir, name)
-    items = diagnose(cfg, memory=False, require=True).scan.items
+    items = diagnose(cfg, thorough=False, require=True).scan.items
     prompts, prompt_source = _prompts(cfg, items)
     held = _held_out(cfg)
     engine = Engine(cfg.base, lora_files=[p for _, p in ckpts], base_config=cfg.base_config or None)

@@ -74,9 +74,6 @@ def train(cfg: TrainConfig, *, progress: bool = False) -> TrainResult:
         raise ConfigError(f"{run.final_path} already exists; pass another --name or --output-dir, or --overwrite to "
                           "replace it" if resume_from is None else f"{run.final_path} already exists and the resumed "
                           "run would replace it; pass --overwrite to allow that, or copy it away first")
-    if run.main:  # the options as run, to repeat it with --config or to report on it (`sdlora report`)
-        run.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(run.out / f"{run.name}.toml", dump_toml(cfg).encode())
     optimizer_cls = _optimizer_class(cfg.optimizer)
     base_params, params = _load_and_inject(run)
     dataset, plan = _dataset_and_caches(run)
@@ -89,6 +86,8 @@ def train(cfg: TrainConfig, *, progress: bool = False) -> TrainResult:
         _fix_embeddings(run, dataset)
     if run.main:
         run.out.mkdir(parents=True, exist_ok=True)
+        # The options as run: to repeat it (--config NAME.toml) or to report on it (`sdlora report`).
+        atomic_write_bytes(run.out / f"{run.name}.toml", dump_toml(cfg).encode())
         hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat_config(cfg).items()}
         run.accelerator.init_trackers("tensorboard", config=hparams)
 
@@ -199,7 +198,7 @@ def _log_losses(run: Run, bar) -> None:
 def _start(cfg: TrainConfig) -> Run:
     """The run's accelerator and its data, checked by the dataset doctor and reported before any model is loaded."""
     accelerator = _accelerator(cfg)
-    doctor = diagnose(cfg, processes=accelerator.num_processes, require=True, memory=accelerator.is_main_process)
+    doctor = diagnose(cfg, processes=accelerator.num_processes, require=True, thorough=accelerator.is_main_process)
     report = doctor.scan
     run = Run(doctor.cfg, accelerator, report, adapter_name(doctor.cfg), reg=doctor.reg)
     for token in run.new_tokens:

@@ -100,8 +100,8 @@ def test_resolution_and_bucket_step_default_to_the_base(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from sdlora.models import SD2_V_PROBE, native_size
     from sdlora.doctor import fit_to_base
+    from sdlora.models import SD2_V_PROBE, native_size
 
     folder = tmp_path / "model"
     for part, cfg in (("unet", {"sample_size": 96}), ("vae", {"block_out_channels": [128, 256, 512, 512]})):

@@ -74,7 +74,7 @@ def test_kohya_repeats_and_tag_frequency(tmp_path):
     from sdlora.doctor import diagnose
 
     doctor = diagnose(TrainConfig(batch_size=4, grad_accum=4, data=DataConfig(data=root, resolution=64, bucket_step=32)),
-                      memory=False)
+                      thorough=False)
     text = doctor.text()
     assert "3 images found, 3 used, 0 skipped" in text and "10_style: 2 images x 10 repeats" in text
     # 21 samples in batches of 4: 6 batches per epoch; with 4 micro-batches per step that is 2 optimizer steps
