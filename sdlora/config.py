@@ -155,6 +155,7 @@ class TrainConfig:
     weight_decay: float = opt(1e-2, "Weight decay.")
     lr_scheduler: str = opt("constant", "Learning-rate schedule.", choices=LR_SCHEDULERS)
     warmup_steps: int = opt(0, "Linear warmup steps.")
+    ema_decay: float | None = opt(None, "Keep an exponential moving average of the trainable weights (fp32) with this decay, e.g. 0.999, and save it as the adapter (the raw weights stay in the resumable state). diffusers' EMAModel: it warms up as (1 + step) / (10 + step) until it reaches the decay. Off when not given.")
     nan_policy: str = opt("stop", "When a step's loss or gradients are not finite: stop the run there (keeping the last good checkpoint), or skip the step.", choices=("stop", "skip"))
     max_grad_norm: float = opt(1.0, "Gradient clipping norm (0: off).")
     mixed_precision: str = opt("no", "Mixed precision on CUDA (fp32 is used on the CPU).", choices=MIXED_PRECISION)
@@ -194,6 +195,8 @@ class TrainConfig:
         _positive("sample_steps", self.sample_steps)
         if self.lr <= 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay must be in [0, 1) (0.999 is usual), got {self.ema_decay}")
         if self.text_encoder_lr is not None and self.text_encoder_lr < 0:
             raise ConfigError(f"text_encoder_lr must be >= 0, got {self.text_encoder_lr}")
         for group in (self, self.data, self.adapter):  # NaN and Inf pass every comparison: refuse them here

@@ -27,8 +27,9 @@ def _prompts():
 
 
 def train_style(style: str, cfg: DemoConfig, out: Path, quantize_base: str = "", reg_data: Path | None = None,
-                data: Path | None = None, train_embedding: tuple[str, ...] = ()):
-    """The demo's LoRA for one example style (or for `data`, another folder of it), at the demo's settings."""
+                data: Path | None = None, train_embedding: tuple[str, ...] = (), options: dict | None = None):
+    """The demo's LoRA for one example style (or for `data`, another folder of it), at the demo's settings, with any
+    train `options` (by name) changed on top."""
     from .toy.render import STYLES
     from .train import train
 
@@ -38,6 +39,11 @@ def train_style(style: str, cfg: DemoConfig, out: Path, quantize_base: str = "",
                        overwrite=True, seed=cfg.seed, save_precision="fp32", quantize_base=quantize_base,
                        data=DataConfig(data=data or EXAMPLES / style, resolution=32, bucket_step=32, reg_data=reg_data),
                        adapter=AdapterConfig(rank=cfg.rank, preset=cfg.preset, train_embedding=list(train_embedding)))
+    if options:
+        from .config import build_config
+        from .run import flat_config
+
+        tcfg = build_config({**flat_config(tcfg), **options})
     return train(tcfg)
 
 

@@ -3,6 +3,7 @@ A1111 sidecars). `train.py` holds the loop; this module is what the loop leaves 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -37,6 +38,8 @@ class Run:
     reg: Any = None  # the scanned regularisation folder, when there is one
     pivot: Any = None  # the new tokens of --train-embedding (sdlora.embeddings.Installed)
     fixed_vectors: list | None = None  # their vectors once --embedding-steps have passed
+    params: list = field(default_factory=list)  # the trainable tensors (LoRA, then new tokens' vectors)
+    ema: Any = None  # their moving average (diffusers' EMAModel), with --ema-decay
     text_cache: dict | None = None  # caption -> text embeddings, when they are fixed
     skipped: int = 0  # steps passed over for a loss or gradient that was not finite (--nan-policy skip)
     interrupted: int = 0  # the signal (SIGINT, SIGTERM) that asked the run to save and stop
@@ -121,8 +124,28 @@ def untrained(run: Run) -> dict[str, str]:
     return out
 
 
+@contextlib.contextmanager
+def averaged(run: Run):
+    """With --ema-decay, the moving average in place of the raw weights for the duration (then put back)."""
+    if run.ema is None:
+        yield
+        return
+    run.ema.store(run.params)
+    run.ema.copy_to(run.params)
+    try:
+        yield
+    finally:
+        run.ema.restore(run.params)
+
+
 def adapter_blob(run: Run) -> bytes:
-    """The adapter at this step as safetensors bytes, with kohya/ModelSpec metadata and hashes."""
+    """The adapter at this step as safetensors bytes (the moving average with --ema-decay), with kohya/ModelSpec
+    metadata and hashes."""
+    with averaged(run):
+        return _adapter_blob(run)
+
+
+def _adapter_blob(run: Run) -> bytes:
     cfg, base, report = run.cfg, run.base, run.report
     dirs = {}
     for item in report.items:
@@ -146,6 +169,8 @@ def adapter_blob(run: Run) -> bytes:
             d["img_count"] += 1
         meta |= {"ss_num_reg_images": str(len(run.reg.items)), "ss_reg_dataset_dirs": json.dumps(reg_dirs),
                  "ss_prior_loss_weight": str(cfg.prior_loss_weight)}
+    if run.ema is not None:
+        meta["sdlora_ema_decay"] = str(cfg.ema_decay)
     if cfg.adapter.embedding_only:  # a textual inversion: A1111's and ComfyUI's embedding files
         (token, vectors), = run.pivot.vectors().items()
         return safetensors_bytes(textual_inversion_tensors(vectors, base.family),
@@ -184,8 +209,12 @@ def save_run_state(run: Run, adapter: Path | None = None, blob: bytes | None = N
     states = lora_states(run)
     if run.pivot:
         states["embeddings"] = {str(i): p.detach() for i, p in enumerate(run.pivot.parameters())}
+    extra: dict = {"config": flat_config(run.cfg)}
+    if run.ema is not None:
+        states["ema"] = {str(i): t for i, t in enumerate(run.ema.shadow_params)}
+        extra["ema_step"] = run.ema.optimization_step
     save_state(state_path(run.out, run.name, run.step), step=run.step, lora=states, optimizer=run.optimizer,
-               scheduler=run.scheduler, extra={"config": flat_config(run.cfg)}, manifest=manifest)
+               scheduler=run.scheduler, extra=extra, manifest=manifest)
 
 
 @torch.no_grad()

@@ -37,6 +37,8 @@ def optimizer_step(run: Run, params: list[torch.nn.Parameter], losses: list[torc
         non_finite(run, items)
     else:
         run.optimizer.step()
+        if run.ema is not None:
+            run.ema.step(params)
     run.optimizer.zero_grad(set_to_none=True)
     if run.fixed_vectors is not None:  # the embeddings' steps are over: they stay as they were then
         for p, v in zip(run.pivot.parameters(), run.fixed_vectors, strict=True):

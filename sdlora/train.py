@@ -80,6 +80,11 @@ def train(cfg: TrainConfig, *, progress: bool = False) -> TrainResult:
     micro_per_epoch = plan.batches_per_epoch
     total_steps = cfg.steps or math.ceil(cfg.epochs * micro_per_epoch / cfg.grad_accum)
     unet, text_encoders, models = _optimizer_and_prepare(run, optimizer_cls, params, total_steps)
+    run.params = params
+    if cfg.ema_decay is not None:  # fp32 copies on the device, as the LoRA weights are
+        from diffusers.training_utils import EMAModel
+
+        run.ema = EMAModel(params, decay=cfg.ema_decay)
     if resume_from is not None:
         _resume(run, resume_from, total_steps)
     if run.pivot and cfg.embedding_steps and run.step >= cfg.embedding_steps:
@@ -424,7 +429,7 @@ def _resume_path(cfg: TrainConfig, out: Path, name: str) -> Path | None:
 
 RESUME_KEYS = ("base", "data", "reg_data", "prior_loss_weight", "seed", "batch_size", "grad_accum", "rank", "alpha",
                "preset", "train_text_encoder", "train_embedding", "embedding_only", "resolution", "lr", "lr_scheduler",
-               "warmup_steps", "optimizer")
+               "warmup_steps", "optimizer", "ema_decay")
 
 
 def _resume(run: Run, path: Path, total_steps: int) -> None:
@@ -453,6 +458,12 @@ def _resume(run: Run, path: Path, total_steps: int) -> None:
             p.data.copy_(state["lora"]["embeddings"][str(i)])
     for i in run.trained_tes:
         lora.set_lora_state(run.base.text_encoders[i], state["lora"][COMPONENT_NAMES[i]])
+    if run.ema is not None:
+        if "ema" not in state["lora"]:
+            raise ConfigError(f"cannot resume from {path} with --ema-decay: it was saved without a moving average")
+        for i, shadow in enumerate(run.ema.shadow_params):
+            shadow.copy_(state["lora"]["ema"][str(i)])
+        run.ema.optimization_step = state["extra"]["ema_step"]
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.step = state["step"]

@@ -445,3 +445,25 @@ def test_every_default_fits_the_toy_base(tmp_path, monkeypatch, capfd):
     assert "resolution 32 px: the toy base's native size" in printed and "2 images found, 2 used, 0 skipped" in printed
     # the dataset doctor's report comes before the base loads: captions, buckets, memory
     assert "captions: all present and readable" in printed and "estimated training memory" in printed
+
+
+def test_ema_decay_0_is_the_raw_weights_and_resume_with_ema_is_bit_identical(tmp_path, dataset):
+    def cfg(out, **kw):
+        return TrainConfig(**{"base": "tiny-sd", "output_dir": out, "name": "e", "steps": 4, "save_every": 2,
+                              "lr": 5e-3, "batch_size": 2, "save_precision": "fp32", **kw},
+                           data=DataConfig(data=dataset, resolution=64), adapter=AdapterConfig(rank=4))
+
+    raw, _ = read(train(cfg(tmp_path / "raw")).adapter)
+    zero, meta = read(train(cfg(tmp_path / "zero", ema_decay=0.0)).adapter)
+    # decay 0: the average is the weights themselves (s - (s - p) = p, up to float32 rounding)
+    assert meta["sdlora_ema_decay"] == "0.0" and all(torch.allclose(raw[k], zero[k], rtol=1e-6, atol=1e-7) for k in raw)
+    full = train(cfg(tmp_path / "a", ema_decay=0.9))
+    averaged, _ = read(full.adapter)
+    ups = [k for k in raw if k.endswith("lora_up.weight")]
+    assert any(not torch.equal(raw[k], averaged[k]) for k in ups)  # the average is not the last step's weights
+    state = tmp_path / "a" / "state" / "e-step000002.state.safetensors"
+    resumed = train(cfg(tmp_path / "a", ema_decay=0.9, resume=str(state), overwrite=True))
+    again, _ = read(resumed.adapter)
+    assert all(torch.equal(averaged[k], again[k]) for k in averaged)
+    with pytest.raises(ConfigError, match="ema_decay was 0.9 and is now None"):
+        train(cfg(tmp_path / "a", resume=str(state), overwrite=True))
