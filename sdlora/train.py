@@ -197,7 +197,9 @@ def _log_losses(run: Run, bar) -> None:
             run.accelerator.log({"loss": loss, "lr": lr}, step=step)
     run.pending.clear()
     if run.main:
-        bar.set_postfix(loss=f"{run.rows[-1][1]:.4f}", lr=f"{run.rows[-1][2]:.2e}")
+        lr, scale = run.rows[-1][2], run.cfg.adapter.lora_alpha / run.cfg.adapter.rank
+        extra = {} if scale == 1 else {"effective lr": f"{lr * scale:.2e}"}  # lr x alpha / rank, as it acts
+        bar.set_postfix({"loss": f"{run.rows[-1][1]:.4f}", "lr": f"{lr:.2e}", **extra})
 
 
 def _start(cfg: TrainConfig) -> Run:

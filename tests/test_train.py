@@ -467,3 +467,11 @@ def test_ema_decay_0_is_the_raw_weights_and_resume_with_ema_is_bit_identical(tmp
     assert all(torch.equal(averaged[k], again[k]) for k in averaged)
     with pytest.raises(ConfigError, match="ema_decay was 0.9 and is now None"):
         train(cfg(tmp_path / "a", resume=str(state), overwrite=True))
+
+
+def test_the_progress_bar_shows_the_effective_learning_rate(tmp_path, dataset, capfd):
+    assert main(["train", "--data", str(dataset), "--resolution", "64", "--steps", "1", "--alpha", "4",
+                 "--output-dir", str(tmp_path / "o")]) == 0
+    printed = "".join(capfd.readouterr())
+    assert "lr=1.00e-04, effective lr=2.50e-05" in printed  # 1e-4 x alpha 4 / rank 16
+    assert "learning rate 0.0001 x alpha 4 / rank 16 = 2.5e-05 effective" in printed
