@@ -92,10 +92,17 @@ class Training:
             self.err += chunk
 
     def wait_for_step(self, n: int, timeout: float = 120) -> None:
+        """Until the bar shows step n or later (tqdm skips redraws when steps come fast)."""
         deadline = time.time() + timeout
-        while not re.search(rf"\b{n}/\d+ \[", self.err):
-            assert self.proc.poll() is None and time.time() < deadline, self.err[-2000:]
+        while max(map(int, re.findall(r"\b(\d+)/\d+ \[", self.err)), default=0) < n:
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.kill()
+                pytest.fail(f"the run ended or stalled before step {n}:\n{self.err[-2000:]}")
             time.sleep(0.05)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.finish()
 
     def finish(self, timeout: float = 300) -> int:
         rc = self.proc.wait(timeout)
