@@ -78,7 +78,7 @@ def validation_loss(engine, items, cfg: TrainConfig) -> float:
     """Mean denoising loss over the held-out images with the engine's current blend, each at VALIDATION_USES fixed
     (timestep, noise) draws: the same slots, so the same noise, for every checkpoint and weight."""
     from .data.dataset import Slot, TrainDataset, collate
-    from .train import _batch_loss
+    from .loss import batch_loss
 
     base = engine.base
     data = replace(cfg.data, flip=False, crop="center", shuffle_tags=False, caption_dropout=0.0)
@@ -89,7 +89,7 @@ def validation_loss(engine, items, cfg: TrainConfig) -> float:
         for i in range(len(items)):
             batch = collate([dataset[Slot(i, 10**9 + i * VALIDATION_USES + k, 0, 1 / VALIDATION_USES)]
                              for k in range(VALIDATION_USES)])
-            loss = _batch_loss(batch, base, base.unet, base.text_encoders, base.noise_scheduler(), cfg, device,
+            loss = batch_loss(batch, base, base.unet, base.text_encoders, base.noise_scheduler(), cfg, device,
                                base.unet.dtype, None, False)
             losses.append(float(loss))
     return sum(losses) / len(losses)

@@ -7,7 +7,6 @@ a resumed or multi-process run sees exactly the noise and timesteps a single uni
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import re
@@ -16,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from . import embeddings, lora
 from .adapters import write_adapter
@@ -25,6 +23,7 @@ from .data.dataset import EpochPlan, Slot, TrainDataset, collate, latent_cache_k
 from .doctor import diagnose, learning_rate_notes
 from .errors import ConfigError, DataError, FormatError, MissingDependencyError
 from .logs import plot_loss, read_csv, write_csv
+from .loss import batch_loss, encode_text, sample_latents
 from .models import Base, load_base
 from .run import (
     COMPONENT_NAMES,
@@ -118,7 +117,7 @@ def train(cfg: TrainConfig, *, progress: bool = False) -> TrainResult:
             for slots, batch in zip(batches, loader, strict=True):
                 torch.manual_seed(seeded(cfg.seed, "step", micro, accelerator.process_index))  # LoRA dropout
                 with accelerator.accumulate(*models):
-                    loss = _batch_loss(batch, base, unet, text_encoders, noise_scheduler, cfg, accelerator.device,
+                    loss = batch_loss(batch, base, unet, text_encoders, noise_scheduler, cfg, accelerator.device,
                                        weight_dtype, run.text_cache, run.trains_text)
                     accelerator.backward(loss)
                     accum_losses.append(loss.detach())
@@ -307,7 +306,7 @@ def _text_cache(run: Run, dataset: TrainDataset) -> dict | None:
     captions = sorted({dataset.caption(Slot(i, 0, 0)) for i in range(len(dataset.items))})
     with torch.no_grad():
         return {c: tuple(None if t is None else t[0]
-                         for t in _encode_text(base, base.text_encoders, [c], run.accelerator.device))
+                         for t in encode_text(base, base.text_encoders, [c], run.accelerator.device))
                 for c in captions}
 
 
@@ -517,7 +516,7 @@ def _cache_latents(dataset: TrainDataset, base: Base, cfg: TrainConfig, accelera
                 continue
         pixels, _ = to_training_image(item, cfg.data, random.Random(0))
         dist = base.vae.encode(pixels[None].to(accelerator.device, torch.float32)).latent_dist
-        cache[idx] = _sample_latents(dist, [seeded(cfg.seed, "latent", idx)], base)[0].cpu()
+        cache[idx] = sample_latents(dist, [seeded(cfg.seed, "latent", idx)], base)[0].cpu()
         if file is not None and accelerator.is_main_process:
             write_safetensors(file, {"latents": cache[idx]})
     return cache
@@ -540,83 +539,3 @@ def _release_encoders(base: Base, latents_cached: bool, text_cached: bool, sampl
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-# ---------------------------------------------------------------- the step
-
-
-def _sample_latents(dist, seeds: list[int], base: Base) -> torch.Tensor:
-    mean, std = dist.mean, dist.std
-    eps = torch.stack([torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds])
-    return (mean + std * eps.to(mean.device, mean.dtype)) * base.vae.config.scaling_factor
-
-
-def _encode_text(base: Base, text_encoders, captions: list[str], device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Prompt embeddings as the pipelines make them: SD1/2 last hidden state; SDXL both encoders' penultimate
-    layers concatenated, and the second encoder's pooled projection."""
-    hidden, pooled = [], None
-    for tok, te in zip(base.tokenizers, text_encoders, strict=True):
-        texts = [embeddings.expand(c, embeddings.tokenizer_vectors(tok)) for c in captions]
-        ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids.to(device)
-        if base.is_sdxl:
-            outputs = te(ids, output_hidden_states=True)
-            hidden.append(outputs.hidden_states[-2])
-            pooled = outputs[0]
-        else:
-            hidden.append(te(ids)[0])
-    return torch.cat(hidden, dim=-1), pooled
-
-
-def _batch_loss(batch, base: Base, unet, text_encoders, noise_scheduler, cfg: TrainConfig, device, weight_dtype,
-                text_cache, train_text: bool) -> torch.Tensor:
-    slots = batch["slot"].tolist()
-    if "latents" in batch:
-        latents = batch["latents"].to(device, torch.float32)
-    else:
-        with torch.no_grad():
-            dist = base.vae.encode(batch["pixels"].to(device, torch.float32)).latent_dist
-            latents = _sample_latents(dist, [seeded(cfg.seed, "latent-slot", s) for s in slots], base)
-    noise, timesteps = _noise_and_timesteps(latents, slots, cfg, noise_scheduler.config.num_train_timesteps)
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-
-    if text_cache is not None:
-        hidden = torch.stack([text_cache[c][0] for c in batch["caption"]]).to(device)
-        pooled = torch.stack([text_cache[c][1] for c in batch["caption"]]).to(device) if base.is_sdxl else None
-    else:
-        ctx = contextlib.nullcontext() if train_text else torch.no_grad()
-        with ctx:
-            hidden, pooled = _encode_text(base, text_encoders, batch["caption"], device)
-    added = None
-    if base.is_sdxl:
-        time_ids = torch.cat([batch["original_size"], batch["crop_top_left"], batch["target_size"]], dim=1)
-        added = {"text_embeds": pooled.to(weight_dtype), "time_ids": time_ids.to(device, weight_dtype)}
-
-    pred = unet(noisy.to(weight_dtype), timesteps, hidden.to(weight_dtype), added_cond_kwargs=added).sample
-    if base.prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
-    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    if cfg.min_snr_gamma:
-        # Min-SNR weighting, Hang et al. 2023 (arXiv 2303.09556), §3.4: w = min(SNR, γ)/SNR for ε-prediction,
-        # min(SNR, γ)/(SNR + 1) for v-prediction.
-        from diffusers.training_utils import compute_snr
-
-        snr = compute_snr(noise_scheduler, timesteps)
-        clipped = torch.clamp(snr, max=cfg.min_snr_gamma)
-        loss = loss * (clipped / (snr + 1 if base.prediction_type == "v_prediction" else snr))
-    return (loss * batch["share"].to(loss.device)).sum()  # the batch mean, or this process's part of it
-
-
-def _noise_and_timesteps(latents: torch.Tensor, slots: list[int], cfg: TrainConfig, num_timesteps: int):
-    noises, steps = [], []
-    for s in slots:
-        g = torch.Generator().manual_seed(seeded(cfg.seed, "noise", s))
-        n = torch.randn(latents.shape[1:], generator=g)
-        if cfg.noise_offset:
-            # Offset noise (Guttenberg 2023): a per-channel constant lets the model shift overall brightness.
-            n = n + cfg.noise_offset * torch.randn((latents.shape[1], 1, 1), generator=g)
-        noises.append(n)
-        steps.append(torch.randint(0, num_timesteps, (1,), generator=g))
-    return (torch.stack(noises).to(latents.device, latents.dtype), torch.cat(steps).to(latents.device))

@@ -356,19 +356,19 @@ def test_loss_matches_a_direct_computation(monkeypatch, prediction_type, gamma):
     """The training loss against the formulas written out here: x_t = sqrt(ᾱ)x0 + sqrt(1-ᾱ)ε; target ε, or
     v = sqrt(ᾱ)ε - sqrt(1-ᾱ)x0; min-SNR weight min(SNR, γ)/SNR (ε) or min(SNR, γ)/(SNR+1) (v), SNR = ᾱ/(1-ᾱ).
     Timesteps 10, 500 and 990 put the SNR above and below γ, so the clipping is exercised."""
-    from sdlora import train as training
+    from sdlora import loss as training
 
     base = load_base("tiny-sd", prediction_type=prediction_type)
     cfg = TrainConfig(min_snr_gamma=gamma, prediction_type=prediction_type)
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
     t = torch.tensor([10, 500, 990])
-    monkeypatch.setattr(training, "_noise_and_timesteps", lambda latents, slots, cfg, n: (noise, t))
+    monkeypatch.setattr(training, "noise_and_timesteps", lambda latents, slots, cfg, n: (noise, t))
     captions = ["a red circle", "a blue square", "sks"]
     batch = {"slot": torch.arange(3), "latents": x0, "caption": captions, "share": torch.full((3,), 1 / 3)}
     sched = base.noise_scheduler()
     with torch.no_grad():
-        got = training._batch_loss(batch, base, base.unet, base.text_encoders, sched, cfg, torch.device("cpu"),
+        got = training.batch_loss(batch, base, base.unet, base.text_encoders, sched, cfg, torch.device("cpu"),
                                    torch.float32, None, False)
         acp = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
         ids = base.tokenizers[0](captions, padding="max_length", max_length=77, truncation=True,
@@ -385,11 +385,11 @@ def test_loss_matches_a_direct_computation(monkeypatch, prediction_type, gamma):
 
 def test_noise_offset_adds_one_constant_per_channel():
     """Offset noise (Guttenberg 2023): on top of the per-pixel noise, one random constant per channel and image."""
-    from sdlora.train import _noise_and_timesteps
+    from sdlora.loss import noise_and_timesteps
 
     latents = torch.zeros(2, 4, 8, 8)
-    plain, t0 = _noise_and_timesteps(latents, [3, 4], TrainConfig(), 1000)
-    offset, t1 = _noise_and_timesteps(latents, [3, 4], TrainConfig(noise_offset=0.1), 1000)
+    plain, t0 = noise_and_timesteps(latents, [3, 4], TrainConfig(), 1000)
+    offset, t1 = noise_and_timesteps(latents, [3, 4], TrainConfig(noise_offset=0.1), 1000)
     shift = offset - plain
     per_channel = shift[:, :, :1, :1]
     assert torch.allclose(shift, per_channel.expand_as(shift), atol=1e-6)  # constant over each channel
