@@ -14,15 +14,17 @@ from .safefiles import atomic_write_bytes
 
 def adapter_bytes(states: dict[str, dict[str, torch.Tensor]], *, family: str, rank: int, alpha: float,
                   targets: dict[str, list[str]], layout: str, precision: str, metadata: dict[str, str],
-                  unet_config=None, extra: dict[str, torch.Tensor] | None = None) -> bytes:
-    """Serialise LoRA states to safetensors bytes with metadata and the content hashes filled in; `extra` tensors
-    (bundled embeddings) go in as they are, in fp32."""
+                  unet_config=None, extra: dict[str, torch.Tensor] | None = None, kind: str = "lora") -> bytes:
+    """Serialise adapter states to safetensors bytes with metadata and the content hashes filled in; `extra`
+    tensors (bundled embeddings) go in as they are, in fp32."""
+    if kind == "lokr":
+        states, alpha = formats.lokr_unit_scale(states, rank, alpha), float(rank)
     if layout == "kohya":
         tensors = formats.peft_to_kohya(states, {c: alpha for c in states}, family, unet_config)
     else:
         tensors = formats.peft_to_diffusers(states)
         metadata = {**metadata, "lora_adapter_metadata": formats.diffusers_adapter_metadata(
-            {c: rank for c in states}, {c: alpha for c in states}, targets)}
+            {c: rank for c in states}, {c: alpha for c in states}, targets, use_dora=kind == "dora")}
     tensors = {k: v.detach().contiguous().cpu() for k, v in formats.cast(tensors, precision).items()}
     return safetensors_bytes(tensors | (extra or {}), metadata)
 

@@ -34,6 +34,7 @@ def opt(default: Any = None, help: str = "", *, choices: tuple | None = None, fa
 
 OUTPUTS = Path("outputs")  # every command's default output folder
 PRESETS = ("attn", "attn-mlp", "full")
+KINDS = ("lora", "dora", "loha", "lokr")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 LR_SCHEDULERS = ("constant", "cosine", "linear")
@@ -105,9 +106,12 @@ class DataConfig:
 @dataclass
 class AdapterConfig:
     preset: str = opt("attn", "Modules that get LoRA: attn (attention q/k/v/out), attn-mlp (kohya's default set), full (also convolutions: LoCon).", choices=PRESETS)
+    kind: str = opt("lora", "Adapter kind: lora (LoRA; LoCon with --preset full), dora (weight-decomposed LoRA: a trained magnitude per output channel), loha (LyCORIS Hadamard product of two low-rank pairs), lokr (LyCORIS Kronecker product). Trained by peft; saved in the LyCORIS keys A1111, ComfyUI and Forge read.", choices=KINDS)
     rank: int = opt(16, "LoRA rank (network dim).")
     alpha: float | None = opt(None, "LoRA alpha; the update is scaled by alpha/rank (default: equal to rank).")
     dropout: float = opt(0.0, "Dropout on the LoRA path.")
+    factor: int = opt(-1, "LoKr: size of the Kronecker factor (LyCORIS' factor); -1 splits each dimension as close to its square root as it allows.")
+    decompose_both: bool = opt(False, "LoKr: also split the smaller Kronecker factor into two rank --rank matrices (LyCORIS' decompose_both).")
     train_text_encoder: bool = opt(False, "Also put LoRA on the text encoder(s).")
     train_embedding: list[str] = opt(help="Pivotal tuning: add a new token TOKEN (TOKEN:N for N vectors) to the tokenizer(s) and train its embedding with the LoRA; write TOKEN in the captions (repeatable).", factory=list)
     embedding_init: str = opt("", "Word whose embedding the new tokens start from (default: the vocabulary's mean).")
@@ -128,6 +132,12 @@ class AdapterConfig:
             raise ConfigError(f"alpha must be > 0, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.factor == 0 or self.factor < -1:
+            raise ConfigError(f"factor must be -1 (automatic) or a positive size, got {self.factor}")
+        if self.dropout and self.kind in ("loha", "lokr"):
+            raise ConfigError(f"--dropout is the LoRA path's dropout; peft's {self.kind} has none (set it to 0)")
+        if self.kind != "lokr" and (self.factor != -1 or self.decompose_both):
+            raise ConfigError("--factor and --decompose-both shape a LoKr adapter; pass them with --kind lokr")
 
     @property
     def lora_alpha(self) -> float:
@@ -199,6 +209,12 @@ class TrainConfig:
             raise ConfigError(f"ema_decay must be in [0, 1) (0.999 is usual), got {self.ema_decay}")
         if self.text_encoder_lr is not None and self.text_encoder_lr < 0:
             raise ConfigError(f"text_encoder_lr must be >= 0, got {self.text_encoder_lr}")
+        if self.adapter.kind in ("loha", "lokr") and self.format == "diffusers":
+            raise ConfigError(f"diffusers cannot load a {self.adapter.kind} adapter; save it with --format kohya "
+                              "(A1111, ComfyUI and Forge read it), or train --kind lora or dora")
+        if self.adapter.kind != "lora" and self.quantize_base:
+            raise ConfigError(f"--quantize-base trains --kind lora only (peft's {self.adapter.kind} layers cannot wrap "
+                              "a quantized layer); drop one of the two")
         for group in (self, self.data, self.adapter):  # NaN and Inf pass every comparison: refuse them here
             for f in dataclasses.fields(group):
                 value = getattr(group, f.name)

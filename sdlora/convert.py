@@ -12,7 +12,7 @@ from . import formats
 from .archs import TITLES, meta_models
 from .embeddings import bundle_raw
 from .errors import FormatError
-from .lorafile import Fit, LoraFile, fit, read_lora, trigger_words
+from .lorafile import Fit, LoraFile, dora_axis, fit, read_lora, trigger_words
 from .metadata import data_hash
 from .safefiles import atomic_write_bytes
 
@@ -82,8 +82,11 @@ def info(path: Path) -> dict:
 
 
 def _effective_lr(meta: dict, lf) -> float | None:
-    """The UNet learning rate as it acted, lr x alpha / rank, when the metadata gives it and one scale holds."""
-    scales = {(m.alpha if m.alpha is not None else m.rank) / m.rank for m in lf.modules.values()}
+    """The UNet learning rate as it acted, lr x alpha / rank, when the metadata gives it and one scale holds (LoRA
+    and DoRA: LoHa's and LoKr's updates are products, so alpha / rank does not scale them the same way)."""
+    if not set(lf.kinds) <= {"lora", "dora"}:
+        return None
+    scales = {m.scale for m in lf.modules.values()}
     try:
         lr = float(meta.get("ss_unet_lr") or meta.get("ss_learning_rate") or "nan")
     except ValueError:
@@ -91,8 +94,12 @@ def _effective_lr(meta: dict, lf) -> float | None:
     return lr * scales.pop() if len(scales) == 1 and lr == lr else None
 
 
+KIND_TITLES = {"lora": "LoRA", "dora": "DoRA", "loha": "LyCORIS LoHa", "lokr": "LyCORIS LoKr"}
+
+
 def format_info(d: dict) -> str:
-    lines = [f"{d['file']}: {d['format']} LoRA for {TITLES.get(d['family'], 'an unknown family')} "
+    kinds = " + ".join(KIND_TITLES.get(k, k) for k in d["kind"].split("+"))
+    lines = [f"{d['file']}: {d['format'].split(' ')[0]} {kinds} for {TITLES.get(d['family'], 'an unknown family')} "
              f"(family from {d['family_source']})",
              "modules: " + ", ".join(f"{k} {v}" for k, v in d["modules"].items()),
              "rank: " + ", ".join(f"{k} ({v} modules)" for k, v in d["ranks"].items()),
@@ -113,6 +120,15 @@ def format_info(d: dict) -> str:
     return "\n".join(lines)
 
 
+def _peft_magnitude(src: Path, t) -> torch.Tensor:
+    """A DoRA module's magnitude in peft's shape ((out,) for Linear, (1, out, 1, 1) for Conv2d)."""
+    magnitude, weight = t.module.tensors["dora_scale"], t.layer.weight
+    if dora_axis(t.module.name, tuple(magnitude.shape), tuple(weight.shape)) != "out":
+        raise FormatError(f"{src}: module {t.module.name} scales DoRA per input channel (A1111's reading); peft and "
+                          "diffusers scale per output channel, so it has no equivalent there")
+    return magnitude.reshape(-1) if weight.dim() == 2 else magnitude.reshape(1, -1, 1, 1)
+
+
 def convert(src: Path, dst: Path, to: str, *, base: str | None = None, overwrite: bool = False) -> tuple[Path, Fit]:
     src, dst = Path(src), Path(dst)
     if dst.suffix.lower() != ".safetensors":
@@ -120,7 +136,7 @@ def convert(src: Path, dst: Path, to: str, *, base: str | None = None, overwrite
     if dst.exists() and not overwrite:
         raise FormatError(f"{dst} already exists; choose another name or pass --overwrite")
     lf = read_lora(src)
-    if set(lf.kinds) != {"lora"}:
+    if not set(lf.kinds) <= {"lora", "dora"}:
         raise FormatError(f"{src}: {lf.kind} modules cannot be written as plain LoRA; sdlora reads them for "
                           "generation only")
     if any("mid" in m.tensors for m in lf.modules.values()):
@@ -135,6 +151,8 @@ def convert(src: Path, dst: Path, to: str, *, base: str | None = None, overwrite
     for t in result.targets:
         states.setdefault(t.component, {})[f"{t.path}.lora_A.weight"] = t.module.tensors["down"]
         states[t.component][f"{t.path}.lora_B.weight"] = t.module.tensors["up"]
+        if t.module.kind == "dora":
+            states[t.component][f"{t.path}.lora_magnitude_vector"] = _peft_magnitude(src, t)
         ranks.setdefault(t.component, {})[t.path] = t.module.rank
         alphas.setdefault(t.component, {})[t.path] = t.module.alpha if t.module.alpha is not None else float(t.module.rank)
     meta = {k: v for k, v in lf.metadata.items() if k not in ("lora_adapter_metadata", "sshs_model_hash", "sshs_legacy_hash")}
@@ -143,7 +161,8 @@ def convert(src: Path, dst: Path, to: str, *, base: str | None = None, overwrite
     elif to == "diffusers":
         tensors = formats.peft_to_diffusers(states)
         targets = {c: sorted(p.rsplit(".lora_", 1)[0] for p in s if p.endswith("lora_A.weight")) for c, s in states.items()}
-        meta["lora_adapter_metadata"] = formats.diffusers_adapter_metadata(ranks, alphas, targets)
+        meta["lora_adapter_metadata"] = formats.diffusers_adapter_metadata(ranks, alphas, targets,
+                                                                           use_dora="dora" in lf.kinds)
     else:
         raise FormatError(f"unknown target layout {to!r}; choose kohya or diffusers")
     from safetensors.torch import save

@@ -279,7 +279,7 @@ class Engine:
         resolved = self._resolve(blend)
         if self.quantized and any(mode == "fast" or not lf.plain for _, _, lf, _ in resolved):
             raise ConfigError(f"the base is quantized ({self.quantized}), so a LoRA cannot be merged into its weights: "
-                              "use exact mode (LyCORIS LoHa/LoKr and LoCon with a Tucker core can only be merged, "
+                              "use exact mode (DoRA, LyCORIS LoHa/LoKr and LoCon with a Tucker core can only be merged, "
                               "so they need a full-precision base)")
         self._set_tokens(resolved)
         merged = [(i, k, f) for i, k, lf, f in resolved if mode == "fast" or not lf.plain]
@@ -382,7 +382,7 @@ class Engine:
                     # layers are rebuilt below from the base in fp32 and rounded once.
                     rebuild.add(key)
                     continue
-                weight.add_(w * t.module.delta(tuple(weight.shape), weight.device))
+                weight.add_(w * t.module.delta(tuple(weight.shape), weight.device, base=self._backup[key]))
         sums: dict[tuple[str, str], torch.Tensor] = {}
         for i, _, result in items if rebuild else ():
             for t in result.targets:
@@ -394,7 +394,7 @@ class Engine:
                 if key not in sums:
                     sums[key] = self._backup[key].to(weight.device, torch.float32)
                 if w != 0:
-                    sums[key] += w * t.module.delta(tuple(weight.shape), weight.device)
+                    sums[key] += w * t.module.delta(tuple(weight.shape), weight.device, base=self._backup[key])
         for (component, path), total in sums.items():
             weight = _weight(models[component], path)
             weight.copy_(total.to(weight.dtype))

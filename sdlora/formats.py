@@ -83,37 +83,66 @@ def kohya_module(component: str, path: str, family: str, unet_config=None) -> st
     return f"{kohya_prefix(component, family)}_{canonical_path(component, path).replace('.', '_')}"
 
 
+# peft's tensor names within an adapted module -> kohya's (LyCORIS') names
+KOHYA_TENSORS = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight",
+                 "lora_magnitude_vector": "dora_scale",
+                 **{f"hada_{w}": f"hada_{w}" for w in ("w1_a", "w1_b", "w2_a", "w2_b")},
+                 **{f"lokr_{w}": f"lokr_{w}" for w in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b")}}
+_PEFT_TENSOR = re.compile(rf"(.+)\.({'|'.join(re.escape(k) for k in KOHYA_TENSORS)})$")
+
+
 def peft_to_kohya(states: dict[str, dict[str, torch.Tensor]], alphas: dict[str, float | dict[str, float]],
                   family: str, unet_config=None) -> dict[str, torch.Tensor]:
     """peft states per component ({'unet': {...}, 'text_encoder': {...}}) to one kohya state dict.
-    `alphas` gives each component one alpha, or one per module path."""
+    `alphas` gives each component one alpha, or one per module path. LoRA, DoRA (its magnitude becomes
+    `dora_scale` of shape (out, 1, ...), LyCORIS' per-output-channel layout), LoHa and LoKr (the same names)."""
     out: dict[str, torch.Tensor] = {}
     for component, state in states.items():
         modules: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in state.items():
-            m = re.match(r"(.+)\.lora_([AB])\.weight$", key)
+            m = _PEFT_TENSOR.match(key)
             if not m:
                 raise FormatError(f"unexpected key {key!r} in the {component} LoRA state")
             modules.setdefault(m.group(1), {})[m.group(2)] = tensor
-        for path, pair in modules.items():
-            if set(pair) != {"A", "B"}:
-                raise FormatError(f"{component} module {path!r} has only lora_{''.join(pair)}")
+        for path, parts in modules.items():
+            if ("lora_A.weight" in parts) != ("lora_B.weight" in parts):
+                raise FormatError(f"{component} module {path!r} has only {', '.join(parts)}")
             name = kohya_module(component, path, family, unet_config)
-            out[f"{name}.lora_down.weight"] = pair["A"].detach().clone()
-            out[f"{name}.lora_up.weight"] = pair["B"].detach().clone()
+            for key, tensor in parts.items():
+                if key == "lora_magnitude_vector":  # peft: (out,) for Linear, (1, out, 1, 1) for Conv2d
+                    tensor = tensor.reshape(-1, *[1] * (parts["lora_A.weight"].dim() - 1))
+                out[f"{name}.{KOHYA_TENSORS[key]}"] = tensor.detach().clone()
             alpha = alphas[component]
             alpha = alpha[path] if isinstance(alpha, dict) else alpha
             out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
     return out
 
 
+def lokr_unit_scale(states: dict[str, dict[str, torch.Tensor]], rank: int, alpha: float) -> dict[str, dict[str, torch.Tensor]]:
+    """peft scales every LoKr update by alpha / rank; A1111 and ComfyUI apply alpha / dim only when a factor is
+    split into low-rank matrices (dim being their rank) and scale 1 otherwise. With the scale folded into the first
+    factor and alpha written as the rank, every reader computes the same update."""
+    scale = alpha / rank
+    if scale == 1:
+        return states
+    out = {}
+    for component, state in states.items():
+        out[component] = {k: t * scale if re.search(r"\.lokr_w1(_a)?$", k) else t for k, t in state.items()}
+    return out
+
+
 def peft_to_diffusers(states: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """diffusers' layout: `<component>.<module path>.lora_A.weight`."""
-    return {f"{component}.{key}": t.detach().clone() for component, state in states.items() for key, t in state.items()}
+    """diffusers' layout: `<component>.<module path>.lora_A.weight`; DoRA's magnitude as
+    `.lora_magnitude_vector.weight` (the name diffusers and transformers load into peft's DoRA layer)."""
+    def name(key: str) -> str:
+        return key + ".weight" if key.endswith(".lora_magnitude_vector") else key
+
+    return {f"{component}.{name(key)}": t.detach().clone() for component, state in states.items()
+            for key, t in state.items()}
 
 
 def diffusers_adapter_metadata(ranks: dict[str, int | dict[str, int]], alphas: dict[str, float | dict[str, float]],
-                               targets: dict[str, list[str]]) -> str:
+                               targets: dict[str, list[str]], use_dora: bool = False) -> str:
     """The `lora_adapter_metadata` header diffusers reads to rebuild each component's LoraConfig. Ranks and
     alphas are one per component, or one per module (then the most common is the default and the others
     go into peft's rank_pattern / alpha_pattern)."""
@@ -130,10 +159,14 @@ def diffusers_adapter_metadata(ranks: dict[str, int | dict[str, int]], alphas: d
             else:
                 meta[f"{component}.{key}"] = value
         meta[f"{component}.target_modules"] = sorted(targets[component])
+        if use_dora:  # without it diffusers and transformers build plain LoRA layers and drop the magnitudes
+            meta[f"{component}.use_dora"] = True
     return json.dumps(meta, indent=2, sort_keys=True)
 
 
 def cast(tensors: dict[str, torch.Tensor], precision: str) -> dict[str, torch.Tensor]:
-    """Cast LoRA matrices to the save precision; alphas stay fp32 so the scale is exact."""
+    """Cast LoRA matrices to the save precision; alphas stay fp32 so the scale is exact, and so do DoRA
+    magnitudes (a rounded magnitude rescales the whole weight row, an error as large as the update itself)."""
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
-    return {k: (t if k.endswith(".alpha") else t.to(dtype)) for k, t in tensors.items()}
+    keep = (".alpha", ".dora_scale", ".lora_magnitude_vector.weight")
+    return {k: (t if k.endswith(keep) else t.to(dtype)) for k, t in tensors.items()}

@@ -57,12 +57,18 @@ def targeted_modules(model: torch.nn.Module, preset: str, component: str, exclud
 
 
 def peft_config(cfg: AdapterConfig, component: str, exclude: str | None = None):
-    from peft import LoraConfig
+    """peft's config for the chosen kind on the preset's modules. LoHa and LoKr start as LyCORIS does (one factor
+    zero, so the update starts at zero)."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
 
-    return LoraConfig(
-        r=cfg.rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.dropout,
-        target_modules=target_regex(cfg.preset, component), exclude_modules=exclude, init_lora_weights=True,
-    )
+    common = dict(target_modules=target_regex(cfg.preset, component), exclude_modules=exclude)
+    if cfg.kind in ("lora", "dora"):
+        return LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.dropout, init_lora_weights=True,
+                          use_dora=cfg.kind == "dora", **common)
+    if cfg.kind == "loha":
+        return LoHaConfig(r=cfg.rank, alpha=cfg.lora_alpha, init_weights=True, **common)
+    return LoKrConfig(r=cfg.rank, alpha=cfg.lora_alpha, init_weights=True,
+                      decompose_both=cfg.decompose_both, decompose_factor=cfg.factor, **common)
 
 
 def inject(model: torch.nn.Module, cfg: AdapterConfig, component: str, exclude: str | None = None) -> list[str]:
@@ -79,9 +85,12 @@ def inject(model: torch.nn.Module, cfg: AdapterConfig, component: str, exclude: 
     return targets
 
 
+PARAMETER_MARKS = ("lora_", "hada_", "lokr_")  # peft's parameter names: LoRA and DoRA, LoHa, LoKr
+
+
 def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The trainable LoRA parameters, as a list (an iterator would be used up by the optimizer)."""
-    return [p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
+    """The trainable adapter parameters, as a list (an iterator would be used up by the optimizer)."""
+    return [p for n, p in model.named_parameters() if p.requires_grad and any(m in n for m in PARAMETER_MARKS)]
 
 
 def lora_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

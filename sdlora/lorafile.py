@@ -25,17 +25,19 @@ from .metadata import FAMILY_OF_VERSION, data_hash
 from .safefiles import DTYPES, read_header, read_safetensors_bytes
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
-LORA_SUFFIXES = {"lora_down.weight": "down", "lora_up.weight": "up", "lora_mid.weight": "mid", "alpha": "alpha"}
+LORA_SUFFIXES = {"lora_down.weight": "down", "lora_up.weight": "up", "lora_mid.weight": "mid", "alpha": "alpha",
+                 "dora_scale": "dora_scale"}
 LOHA_SUFFIXES = {f"hada_{w}": w for w in ("w1_a", "w1_b", "w2_a", "w2_b")}
 LOKR_SUFFIXES = {f"lokr_{w}": w for w in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b")}
-UNSUPPORTED = {"dora_scale": "DoRA", "lora_magnitude_vector": "DoRA", "hada_t1": "LoHa with Tucker decomposition",
+UNSUPPORTED = {"hada_t1": "LoHa with Tucker decomposition",
                "hada_t2": "LoHa with Tucker decomposition", "lokr_t2": "LoKr with Tucker decomposition",
                "diff": "full-difference (LyCORIS 'full')", "diff_b": "full-difference (LyCORIS 'full')",
                "w_norm": "LyCORIS GLoRA/IA3", "on_input": "LyCORIS IA3", "oft_blocks": "OFT", "oft_diag": "OFT",
                "b1": "LyCORIS GLoRA", "a1.weight": "LyCORIS GLoRA"}
 DIFFUSERS_SUFFIXES = {"lora_A.weight": "down", "lora_B.weight": "up", "lora.down.weight": "down",
                       "lora.up.weight": "up", "lora_linear_layer.down.weight": "down",
-                      "lora_linear_layer.up.weight": "up", "alpha": "alpha"}
+                      "lora_linear_layer.up.weight": "up", "alpha": "alpha",
+                      "lora_magnitude_vector": "dora_scale", "lora_magnitude_vector.weight": "dora_scale"}
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 
@@ -44,8 +46,8 @@ class FileModule:
     """One adapted module as the file names it, with its tensors by role (down/up/mid/alpha or w1_a...)."""
 
     name: str
-    kind: str  # lora, loha, lokr
-    tensors: dict[str, torch.Tensor]
+    kind: str  # lora, dora, loha, lokr
+    tensors: dict[str, torch.Tensor]  # a DoRA magnitude is `dora_scale`, shaped as kohya stores it (see `_dora`)
 
     @property
     def alpha(self) -> float | None:
@@ -55,7 +57,7 @@ class FileModule:
     @property
     def rank(self) -> int:
         t = self.tensors
-        if self.kind == "lora":
+        if self.kind in ("lora", "dora"):
             return t["down"].shape[0]
         if self.kind == "loha":
             return t["w1_b"].shape[0]
@@ -67,7 +69,7 @@ class FileModule:
     @property
     def plain(self) -> bool:
         """A plain low-rank pair (down/up, optional alpha), which peft can hold as a LoRA layer; a LoCon Tucker
-        core (`lora_mid`), LoHa and LoKr can only be merged."""
+        core (`lora_mid`), LoHa and LoKr can only be merged, and so is DoRA (see `_dora` on why)."""
         return self.kind == "lora" and "mid" not in self.tensors
 
     @property
@@ -77,11 +79,13 @@ class FileModule:
             return 1.0
         return alpha / rank
 
-    def delta(self, weight_shape: tuple[int, ...], device: torch.device | str | None = None) -> torch.Tensor:
+    def delta(self, weight_shape: tuple[int, ...], device: torch.device | str | None = None,
+              base: torch.Tensor | None = None) -> torch.Tensor:
         """ΔW (scale included) in fp32, shaped like the module's weight, computed on `device` (default: where the
-        file's tensors are; give the weight's device so a GPU base does its own arithmetic)."""
-        t = {k: v.to(device, torch.float32) for k, v in self.tensors.items() if k != "alpha"}
-        if self.kind == "lora":
+        file's tensors are; give the weight's device so a GPU base does its own arithmetic). DoRA's update depends
+        on the layer's own weight: pass it as `base` (the unmodified base weight)."""
+        t = {k: v.to(device, torch.float32) for k, v in self.tensors.items() if k not in ("alpha", "dora_scale")}
+        if self.kind in ("lora", "dora"):
             up, down = t["up"].flatten(1), t["down"]
             if "mid" in t:  # LoCon with a Tucker core: ΔW[o,i,h,w] = Σ up[o,m] mid[m,n,h,w] down[n,i]
                 d = torch.einsum("om,mnhw,ni->oihw", up, t["mid"], down.flatten(1))
@@ -97,7 +101,41 @@ class FileModule:
             d = torch.kron(w1[:, :, None, None], w2) if w2.dim() == 4 else torch.kron(w1, w2)
         if d.numel() != torch.Size(weight_shape).numel():
             raise FormatError(f"module {self.name}: the update has {tuple(d.shape)} values, the layer {tuple(weight_shape)}")
-        return d.reshape(weight_shape) * self.scale
+        d = d.reshape(weight_shape) * self.scale
+        if self.kind == "dora":
+            if base is None:
+                raise FormatError(f"module {self.name} is DoRA: its update needs the base layer's weight")
+            d = _dora(self.name, self.tensors["dora_scale"].to(device, torch.float32), base.to(device, torch.float32), d)
+        return d
+
+
+def _dora(name: str, magnitude: torch.Tensor, weight: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """DoRA's update: W' = m · (W + ΔW) / ‖W + ΔW‖, returned as W' - W. The magnitude is per output channel (peft,
+    LyCORIS' default wd_on_out: kohya shape (out, 1, ...); diffusers' (out,) and (1, out, 1, 1) are read as
+    (out, 1)) or per input channel (the DoRA paper's and A1111's reading: (1, in, ...)); the first dimension tells
+    the two apart, as in ComfyUI. The norm is of the updated weight on both axes (as peft trains it; ComfyUI divides by the base's
+    own norm on the output axis). A blend weight w gives W + w·(W' - W), as A1111 and ComfyUI apply a DoRA file;
+    peft would weight only the direction, so DoRA is merged, never held as a live peft adapter."""
+    updated = weight + d
+    out, inp = weight.shape[0], weight.shape[1]
+    ones = [1] * (weight.dim() - 1)
+    if dora_axis(name, tuple(magnitude.shape), tuple(weight.shape)) == "out":
+        norm = updated.flatten(1).norm(dim=1).reshape(out, *ones)
+        scaled = magnitude.reshape(out, *ones) / norm
+    else:
+        norm = updated.transpose(0, 1).flatten(1).norm(dim=1).reshape(1, inp, *ones[1:])
+        scaled = magnitude.reshape(1, inp, *ones[1:]) / norm
+    return updated * scaled - weight
+
+
+def dora_axis(name: str, magnitude: tuple[int, ...], weight: tuple[int, ...]) -> str:
+    out, inp, n = weight[0], weight[1], torch.Size(magnitude).numel()
+    if n == out and magnitude[0] == out:
+        return "out"
+    if n == inp and magnitude[0] == 1:
+        return "in"
+    raise FormatError(f"module {name}: its DoRA magnitude has shape {list(magnitude)}, which fits neither the {out} "
+                      f"outputs nor the {inp} inputs of the layer {weight}")
 
 
 @dataclass
@@ -210,7 +248,7 @@ def _module(path: Path, name: str, parts: dict[str, torch.Tensor], roles: dict[s
             raise FormatError(f"{path}: unknown tensor {name}.{suffix}")
     named = {roles[s]: t for s, t in parts.items()}
     if {"down", "up"} <= named.keys():
-        kind = "lora"
+        kind = "dora" if "dora_scale" in named else "lora"
     elif set(LOHA_SUFFIXES.values()) <= named.keys():
         kind = "loha"
     elif any(k in named for k in ("w1", "w1_a")) and any(k in named for k in ("w2", "w2_a")):
@@ -220,7 +258,9 @@ def _module(path: Path, name: str, parts: dict[str, torch.Tensor], roles: dict[s
     if "alpha" in named and named["alpha"].numel() != 1:
         raise FormatError(f"{path}: module {name} has an alpha of shape {list(named['alpha'].shape)}; "
                           "alpha must be one number")
-    if kind == "lora" and (named["down"].dim() not in (2, 4) or named["up"].dim() not in (2, 4)
+    if "dora_scale" in named and kind != "dora":
+        raise FormatError(f"{path}: module {name} has a DoRA magnitude but is {kind}; sdlora applies DoRA on LoRA pairs")
+    if kind in ("lora", "dora") and (named["down"].dim() not in (2, 4) or named["up"].dim() not in (2, 4)
                            or named["up"].shape[1] != named["down"].shape[0]):
         raise FormatError(f"{path}: module {name} has down {list(named['down'].shape)} and up "
                           f"{list(named['up'].shape)}, which do not make a low-rank pair")
@@ -240,6 +280,8 @@ def _group_diffusers(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, 
             continue
         for suffix in sorted(DIFFUSERS_SUFFIXES, key=len, reverse=True):
             if key.endswith("." + suffix):
+                if suffix.startswith("lora_magnitude_vector"):  # peft's is always per output channel
+                    t = t.reshape(-1, 1)
                 groups.setdefault(key[: -len(suffix) - 1], {})[suffix] = t
                 break
         else:
@@ -290,13 +332,13 @@ def _family(modules: dict[str, FileModule], meta: dict[str, str]) -> tuple[str |
             for n in names):
         return "sdxl", "shapes"
     for n, m in modules.items():
-        if m.kind == "lora" and re.search(r"attn2[._]to_k$", n):
+        if m.kind in ("lora", "dora") and re.search(r"attn2[._]to_k$", n):
             width = m.tensors["down"].shape[1]
             fam = {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(width)
             if fam:
                 return fam, "shapes"
     for n, m in modules.items():
-        if m.kind == "lora" and re.search(r"self_attn[._]q_proj$", n):
+        if m.kind in ("lora", "dora") and re.search(r"self_attn[._]q_proj$", n):
             fam = {768: "sd1", 1024: "sd2"}.get(m.tensors["down"].shape[1])
             if fam:
                 return fam, "shapes"
@@ -403,7 +445,7 @@ def fit(lf: LoraFile, models: dict[str, torch.nn.Module], family: str, base_name
 def _check_shapes(path: Path, m: FileModule, layer: torch.nn.Module) -> None:
     weight = layer.weight
     out_f, in_f = weight.shape[0], weight.shape[1]
-    if m.kind == "lora":
+    if m.kind in ("lora", "dora"):
         down, up = m.tensors["down"], m.tensors["up"]
         rank = down.shape[0]
         if down.shape[1] != in_f or up.shape[0] != out_f or up.shape[1] != rank:
@@ -412,5 +454,7 @@ def _check_shapes(path: Path, m: FileModule, layer: torch.nn.Module) -> None:
         if rank > min(out_f, in_f * (weight[0, 0].numel() if weight.dim() == 4 else 1)):
             raise FormatError(f"{path}: module {m.name} has rank {rank}, larger than its layer "
                               f"{tuple(weight.shape)} allows")
+        if m.kind == "dora":
+            dora_axis(m.name, tuple(m.tensors["dora_scale"].shape), tuple(weight.shape))
     else:
         m.delta(tuple(weight.shape))  # raises on a size mismatch

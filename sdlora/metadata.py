@@ -29,16 +29,24 @@ def training_metadata(*, name: str, family: str, prediction_type: str, base_name
                       buckets: dict, trigger: str, seed: int, started: float, finished: float,
                       sample_image: str = "", optimizer: str = "", lr_scheduler: str = "",
                       min_snr_gamma: float = 0.0, noise_offset: float = 0.0,
-                      untrained: dict[str, str] | None = None, quantized_base: str = "") -> dict[str, str]:
+                      untrained: dict[str, str] | None = None, quantized_base: str = "", kind: str = "lora",
+                      factor: int = -1, decompose_both: bool = False) -> dict[str, str]:
     """`untrained`: per component, the layers a preset names but that got no LoRA because the loss never
-    reaches them (SDXL's text encoder 1 last layer), with the reason; written as `sdlora_untrained_layers`."""
+    reaches them (SDXL's text encoder 1 last layer), with the reason; written as `sdlora_untrained_layers`.
+    DoRA, LoHa and LoKr are described as LyCORIS describes them (`lycoris.kohya` with `algo`)."""
     version = BASE_VERSION.get((family, prediction_type), f"{family}")
     args = {"preset": preset}
     if preset == "full":
         args.update(conv_dim=str(rank), conv_alpha=str(alpha))
+    if kind != "lora":
+        args["algo"] = "lora" if kind == "dora" else kind
+    if kind == "dora":
+        args.update(dora_wd="True", wd_on_output="True")
+    if kind == "lokr":
+        args.update(factor=str(factor), decompose_both=str(decompose_both))
     meta = {
         "ss_output_name": name,
-        "ss_network_module": "networks.lora",
+        "ss_network_module": "networks.lora" if kind == "lora" else "lycoris.kohya",
         "ss_network_dim": str(rank),
         "ss_network_alpha": _num(alpha),
         "ss_network_args": json.dumps(args),

@@ -160,7 +160,8 @@ def _adapter_blob(run: Run) -> bytes:
         buckets=dict(report.buckets()), trigger=run.trigger, seed=cfg.seed, started=run.started,
         finished=time.time(), optimizer=cfg.optimizer, lr_scheduler=cfg.lr_scheduler,
         min_snr_gamma=cfg.min_snr_gamma, noise_offset=cfg.noise_offset, untrained=untrained(run),
-        quantized_base=cfg.quantize_base,
+        quantized_base=cfg.quantize_base, kind=cfg.adapter.kind, factor=cfg.adapter.factor,
+        decompose_both=cfg.adapter.decompose_both,
     )
     if run.reg:  # kohya's keys for regularisation images
         reg_dirs: dict = {}
@@ -178,7 +179,7 @@ def _adapter_blob(run: Run) -> bytes:
     bundles = bundle_tensors(run.pivot.vectors(), base.family) if run.pivot else {}
     return adapter_bytes(lora_states(run), family=base.family, rank=cfg.adapter.rank, alpha=cfg.adapter.lora_alpha,
                          targets=run.targets, layout=cfg.format, precision=cfg.save_precision, metadata=meta,
-                         unet_config=base.unet.config, extra=bundles)
+                         unet_config=base.unet.config, extra=bundles, kind=cfg.adapter.kind)
 
 
 def checkpoint(run: Run) -> None:

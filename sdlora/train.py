@@ -429,8 +429,8 @@ def _resume_path(cfg: TrainConfig, out: Path, name: str) -> Path | None:
 
 
 RESUME_KEYS = ("base", "data", "reg_data", "prior_loss_weight", "seed", "batch_size", "grad_accum", "rank", "alpha",
-               "preset", "train_text_encoder", "train_embedding", "embedding_only", "resolution", "lr", "lr_scheduler",
-               "warmup_steps", "optimizer", "ema_decay")
+               "kind", "factor", "decompose_both", "preset", "train_text_encoder", "train_embedding", "embedding_only",
+               "resolution", "lr", "lr_scheduler", "warmup_steps", "optimizer", "ema_decay")
 
 
 def _resume(run: Run, path: Path, total_steps: int) -> None:

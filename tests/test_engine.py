@@ -384,7 +384,8 @@ def test_fast_mode_computes_on_the_weights_device_and_clear_lets_the_backups_go(
     devices = []
     delta = lorafile.FileModule.delta
     monkeypatch.setattr(lorafile.FileModule, "delta",
-                        lambda self, shape, device=None: devices.append(device) or delta(self, shape, device))
+                        lambda self, shape, device=None, base=None: devices.append(device)
+                        or delta(self, shape, device, base))
     engine.apply([BlendItem("alpha", 0.8), BlendItem("beta", -0.4)], "fast")
     weight_devices = {p.device for p in engine.base.unet.parameters()}
     assert devices and set(devices) == weight_devices  # never None: the arithmetic runs where the weights live

@@ -193,9 +193,22 @@ def test_lycoris_updates_match_their_definitions(tmp_path):
         for i in range(16):
             expected[o, i] = sum(up[o, m, 0, 0] * mid[m, n] * down[n, i, 0, 0] for m in range(4) for n in range(4))
     assert torch.allclose(conv.delta((32, 16, 3, 3)), expected, atol=1e-4)
+    # DoRA: W' = m · (W + ΔW) / ‖W + ΔW‖, per output row (peft, LyCORIS wd_on_out) or per input column (A1111)
+    weight, down, up = r(8, 6), r(2, 6), r(8, 2)
+    updated = weight + up @ down * 1.5
+    rows, cols = r(8, 1).abs(), r(1, 6).abs()
+    for magnitude, norm in ((rows, updated.norm(dim=1, keepdim=True)), (cols, updated.norm(dim=0, keepdim=True))):
+        dora = FileModule("m", "dora", {"down": down, "up": up, "alpha": torch.tensor(3.0), "dora_scale": magnitude})
+        expected = torch.stack([torch.stack([updated[o, i] * (magnitude[o, 0] if magnitude.shape[0] == 8 else
+                                                               magnitude[0, i]) / (norm[o, 0] if norm.shape[0] == 8
+                                                                                  else norm[0, i])
+                                             for i in range(6)]) for o in range(8)])
+        assert torch.allclose(dora.delta((8, 6), base=weight), expected - weight, atol=1e-5)
+    with pytest.raises(FormatError, match="its update needs the base layer's weight"):
+        dora.delta((8, 6))
 
 
-def test_lycoris_files_are_read_and_dora_is_refused(tmp_path):
+def test_lycoris_and_dora_files_are_read(tmp_path):
     p = tmp_path / "loha.safetensors"
     save_file({f"{Q}.hada_{k}": torch.randn(*s) for k, s in
                {"w1_a": (32, 2), "w1_b": (2, 32), "w2_a": (32, 2), "w2_b": (2, 32)}.items()} | {f"{Q}.alpha": torch.tensor(2.0)},
@@ -208,7 +221,16 @@ def test_lycoris_files_are_read_and_dora_is_refused(tmp_path):
     d = tmp_path / "dora.safetensors"
     save_file({f"{Q}.lora_down.weight": torch.randn(2, 32), f"{Q}.lora_up.weight": torch.randn(32, 2),
                f"{Q}.dora_scale": torch.randn(1, 32)}, str(d))
-    with pytest.raises(FormatError, match="DoRA"):
+    lf = read_lora(d)
+    assert lf.kind == "dora" and not lf.plain and len(fit(lf, build_tiny("tiny-sd").modules(), "sd1").targets) == 1
+    save_file({f"{Q}.lora_down.weight": torch.randn(2, 32), f"{Q}.lora_up.weight": torch.randn(32, 2),
+               f"{Q}.dora_scale": torch.randn(5, 1)}, str(d))
+    with pytest.raises(FormatError, match=r"DoRA magnitude has shape \[5, 1\], which fits neither the 32 outputs"):
+        fit(read_lora(d), build_tiny("tiny-sd").modules(), "sd1")
+    save_file({f"{Q}.hada_w1_a": torch.randn(32, 2), f"{Q}.hada_w1_b": torch.randn(2, 32),
+               f"{Q}.hada_w2_a": torch.randn(32, 2), f"{Q}.hada_w2_b": torch.randn(2, 32),
+               f"{Q}.dora_scale": torch.randn(1, 32)}, str(d))
+    with pytest.raises(FormatError, match="has a DoRA magnitude but is loha"):
         read_lora(d)
     u = tmp_path / "unknown.safetensors"
     save_file({"model.foo.weight": torch.randn(2)}, str(u))

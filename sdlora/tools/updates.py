@@ -1,7 +1,7 @@
 """A LoRA as what it does to each layer, and back to a file.
 
 `Update` is one module's ΔW, kept as its low-rank factors when it has them (ΔW = alpha/rank · up @ down; a LoCon
-Tucker core is folded into `down`, exactly) and as the full update otherwise (LoHa, LoKr). Everything is fp32.
+Tucker core is folded into `down`, exactly) and as the full update otherwise (DoRA, LoHa, LoKr). Everything is fp32.
 `low_rank` is the one SVD every tool uses; `lora_bytes` writes updates in the kohya or diffusers layout.
 """
 
@@ -49,10 +49,12 @@ class Update:
         return (self.up.flatten(1) @ self.down.flatten(1)).reshape(self.shape) * self.scale
 
 
-def from_module(component: str, path: str, shape: tuple[int, ...], m: FileModule) -> Update:
+def from_module(component: str, path: str, shape: tuple[int, ...], m: FileModule,
+                base: torch.Tensor | None = None) -> Update:
+    """`base`: the layer's weight, which a DoRA module's update depends on."""
     t = {k: v.float() for k, v in m.tensors.items() if k != "alpha"}
     if m.kind != "lora":
-        return Update(component, path, shape, full=m.delta(shape))
+        return Update(component, path, shape, full=m.delta(shape, base=base))
     down, up = t["down"], t["up"]
     if "mid" in t:  # Tucker LoCon: ΔW[o,i,h,w] = Σ up[o,m] mid[m,n,h,w] down[n,i], so down'[m,i,h,w] = Σ_n mid·down
         down = torch.einsum("mnhw,ni->mihw", t["mid"], down.flatten(1))
@@ -71,7 +73,8 @@ def read_updates(path: Path, models: dict, family: str, base_name: str) -> tuple
     result = fit(lf, models, family, base_name)
     if result.unmatched:
         raise FormatError(f"{path}: {result.report()}; pass --base with the model it was made for")
-    return lf, [from_module(t.component, t.path, tuple(t.layer.weight.shape), t.module) for t in result.targets]
+    return lf, [from_module(t.component, t.path, tuple(t.layer.weight.shape), t.module, t.layer.weight.detach())
+                for t in result.targets]
 
 
 def low_rank(delta: torch.Tensor, rank: int | None = None, energy: float | None = None):
