@@ -23,6 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from options import parse_sets
 
 from sdlora.config import DemoConfig
 from sdlora.demo import EXAMPLES, measure, train_style
@@ -51,7 +52,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
                     help="Any train option by name, e.g. prior_loss_weight=0.1 (repeatable).")
     args = ap.parse_args()
-    options = {k.strip(): _value(v.strip()) for k, v in (o.split("=", 1) for o in args.set)}
+    options = parse_sets(args.set)
     cfg = DemoConfig()
     report: dict = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} CPU, "
                     f"{torch.get_num_threads()} threads, torch {torch.__version__}",
@@ -88,15 +89,6 @@ def main() -> None:
         "with regularisation: style without the trigger at most 0.2": r["without the trigger"]["style_score"][1] <= 0.2}
     atomic_write_bytes(args.out, json.dumps(report, indent=2).encode())
     print(json.dumps(report["targets"]))
-
-
-def _value(text: str):
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text)
 
 
 if __name__ == "__main__":
