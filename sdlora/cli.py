@@ -250,7 +250,7 @@ def cmd_webui(ns: argparse.Namespace) -> int:
 
     print(f"sdlora web UI on http://{ns.host}:{ns.port} (Ctrl+C to stop)", file=sys.stderr)
     serve(ns.base, ns.lora_dir, ns.output_dir, host=ns.host, port=ns.port, base_config=ns.base_config,
-          quantize=ns.quantize_base or "")
+          quantize=ns.quantize_base or "", data_root=ns.data_root)
     return 0
 
 
@@ -349,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=studio.host, help=f"Address to bind (default: {studio.host}).")
     p.add_argument("--port", type=int, default=studio.port, help=f"Port (default: {studio.port}).")
     p.add_argument("--listen", action="store_true", help="Allow a --host other than this machine (prints a warning).")
+    p.add_argument("--data-root", type=Path, help="Turn on the Train tab: the folder holding your training-image "
+                   "folders, the only place it reads training data from (runs go to --output-dir).")
     p.set_defaults(func=cmd_webui)
 
     p = command("inspect", help="Show what a LoRA file is: format, family, modules, rank, metadata, hashes.",
@@ -472,11 +474,20 @@ def _quiet_dependencies() -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
+class _Format(logging.Formatter):
+    """Information as it is; warnings and errors led by their level ("warning: ..."), as the web UI reads them."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if ns.quiet else logging.INFO, format="%(levelname)s: %(message)s"
-                        if ns.quiet else "%(message)s", stream=sys.stderr, force=True)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Format())
+    logging.basicConfig(level=logging.WARNING if ns.quiet else logging.INFO, handlers=[handler], force=True)
     _quiet_dependencies()
     try:
         return ns.func(ns)

@@ -180,6 +180,15 @@ class Studio:
         return (f'<iframe sandbox srcdoc="{html.escape(page, quote=True)}" title="selection report" '
                 'style="width:100%;height:640px;border:0"></iframe>')
 
+    def add_lora(self, path: Path):
+        """A LoRA a run of the Train tab just finished, into the library and the list to tick."""
+        library = self.engine.library
+        if Path(path) not in library.files:
+            library.files.append(Path(path))
+        self.engine.rescan()
+        self.usable = [n for n, e in library.entries.items() if e.compatible]
+        return gr.update(choices=self.usable)
+
     @staticmethod
     def insert_trigger(sample, prompt):
         word = (sample[0] if isinstance(sample, list | tuple) else str(sample)).strip()
@@ -188,16 +197,26 @@ class Studio:
         return f"{word}, {prompt}" if prompt else word
 
 
-def build_app(engine: Engine, output_dir: Path):
+def build_app(engine: Engine, output_dir: Path, data_root: Path | None = None):
+    """The studio; with `data_root`, its Train tab trains on the image folders below it (runs go to
+    `output_dir`)."""
+    from sdlora.jobs import Jobs
+    from webui.train_tab import train_tab
+    from webui.training import Trainer
+
     studio = Studio(engine, output_dir)
+    trainer = Trainer(Jobs(studio.output_dir), data_root)
     with gr.Blocks(title="sdlora blend studio", delete_cache=CACHE_CLEAN) as app:
         gr.Markdown("## sdlora blend studio")
-        with gr.Row():
-            with gr.Column(scale=2):
-                ui = _form(studio)
-            with gr.Column(scale=1):
-                ui |= _library(studio, ui["prompt"])
-        ui |= _tools(studio)
+        with gr.Tab("Generate", elem_id="tab-generate"):
+            with gr.Row():
+                with gr.Column(scale=2):
+                    ui = _form(studio)
+                with gr.Column(scale=1):
+                    ui |= _library(studio, ui["prompt"])
+            ui |= _tools(studio)
+        with gr.Tab("Train", elem_id="tab-train"):
+            train_tab(trainer, friendly, studio.add_lora, ui["selected"])
 
         def take(*keys):
             return [ui[k] for k in keys]
@@ -212,6 +231,7 @@ def build_app(engine: Engine, output_dir: Path):
                             ui["grid_out"], concurrency_limit=1, concurrency_id="gpu")
         ui["load"].click(studio.load_png, ui["png"], [*common, *take("scheduler", "selected"), *ui["slot_outputs"]])
     app.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
+    app.sdlora_jobs = trainer.jobs  # (serve asks a running job to save and exit when the server stops)
     return app
 
 
@@ -313,8 +333,10 @@ def _floats(text: str) -> list[float]:
 
 
 def serve(base: str, lora_dir: Path, output_dir: Path, host: str = StudioConfig.host, port: int = StudioConfig.port,
-          block: bool = True, base_config: str | None = None, quantize: str = ""):
-    """Start the UI. Gradio may read files from the outputs folder only (its cache lives inside it)."""
+          block: bool = True, base_config: str | None = None, quantize: str = "", data_root: Path | None = None):
+    """Start the UI. Gradio may read files from the outputs folder only (its cache lives inside it), and from
+    `data_root` (the Train tab's thumbnails). Stopping a blocking server asks a running training job to save and
+    exit."""
     import os
 
     output_dir = Path(output_dir).resolve()
@@ -322,10 +344,15 @@ def serve(base: str, lora_dir: Path, output_dir: Path, host: str = StudioConfig.
     cache.mkdir(parents=True, exist_ok=True)
     os.environ["GRADIO_TEMP_DIR"] = str(cache)
     engine = Engine(base, lora_dir, base_config=base_config, quantize=quantize)
-    app = build_app(engine, output_dir)
-    app.launch(server_name=host, server_port=port, share=False, allowed_paths=[str(output_dir)],
-               blocked_paths=[str(Path(lora_dir).resolve())] if lora_dir else None, prevent_thread_lock=not block,
-               quiet=True, show_error=True)
+    app = build_app(engine, output_dir, data_root)
+    allowed = [str(output_dir)] + ([str(Path(data_root).resolve())] if data_root else [])
+    try:
+        app.launch(server_name=host, server_port=port, share=False, allowed_paths=allowed,
+                   blocked_paths=[str(Path(lora_dir).resolve())] if lora_dir else None, prevent_thread_lock=not block,
+                   quiet=True, show_error=True)
+    finally:
+        if block:
+            app.sdlora_jobs.shutdown()
     return app
 
 

@@ -1,0 +1,62 @@
+"""The Train tab's actions without a browser: data only from below --data-root, captions edited in place."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sdlora.errors import ConfigError
+from sdlora.jobs import Jobs
+from webui.training import Trainer
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAVERSAL = ["..", "../..", "/etc", "/", "rim/../..", "rim/../../..", "..\\..", "rim\x00", "~", "outside",
+             "rim/../../outside", str(ROOT)]
+
+
+@pytest.fixture
+def trainer(tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(ROOT / "datasets_example" / "rim", root / "rim")
+    outside = tmp_path / "secret"
+    outside.mkdir()
+    (outside / "a.png").write_bytes((root / "rim").rglob("*.png").__next__().read_bytes())
+    os.symlink(outside, root / "outside")  # a link leading out of the data root
+    return Trainer(Jobs(tmp_path / "outputs"), root)
+
+
+def test_only_folders_below_the_data_root_are_offered_or_accepted(trainer):
+    assert trainer.folders() == ["rim/10_rimstyle"]  # (not the link leading out)
+    for payload in TRAVERSAL:
+        with pytest.raises(ConfigError, match="choose one of the folders below the data root"):
+            trainer.images(payload)
+    with pytest.raises(ConfigError, match="start the web UI with --data-root FOLDER"):
+        Trainer(trainer.jobs, None).images("rim")
+
+
+def test_captions_are_shown_edited_atomically_and_a_trigger_is_added_once(trainer):
+    page = trainer.page("rim", 0)
+    assert len(page) == 18 and all(caption for _, caption in page)
+    image, caption = page[0]
+    name = image.relative_to(trainer.root / "rim").as_posix()
+    target = image.with_suffix(".txt")
+    before = target.stat().st_ino
+    trainer.save_caption("rim", name, "  café,   a new  caption ")
+    assert target.read_bytes() == "café, a new caption\n".encode() and target.stat().st_ino != before
+    assert not list(target.parent.glob("*.tmp*"))
+    with pytest.raises(ConfigError, match="no image"):
+        trainer.save_caption("rim", "../../secret/a.png", "x")
+    assert trainer.add_trigger("rim", "zzstyle") == 18
+    assert trainer.add_trigger("rim", "zzstyle") == 0  # already a tag everywhere
+    assert target.read_text(encoding="utf-8") == "zzstyle, café, a new caption\n"
+    assert (trainer.root.parent / "secret" / "a.png").is_file() and not list((trainer.root.parent / "secret").glob("*.txt"))
+
+
+def test_the_preflight_report_is_the_one_train_prints(trainer):
+    text = trainer.preflight("rim", {"base": "toy", "steps": 10})
+    assert "18 images found, 18 used, 0 skipped" in text
+    with pytest.raises(ConfigError, match="unknown option 'nonsense'"):
+        trainer.preflight("rim", {"nonsense": 1})

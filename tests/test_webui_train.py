@@ -1,0 +1,132 @@
+"""The web UI's Train tab for real: `sdlora webui --data-root` on 127.0.0.1, driven by Chromium, and attacked
+through its routes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_webui import CHROMIUM, _call, _stop, _up, free_port
+
+from webui.training import form_updates, option_specs
+
+ROOT = Path(__file__).resolve().parent.parent
+NAMES = [n for n, *_ in option_specs()]
+TRAVERSAL = ["..", "../..", "/etc", "rim/../..", "rim/../../secret", "/etc/passwd", "..\\..", "rim\x00",
+             "link-out", "rim/10_rimstyle/../../../secret"]
+
+
+def form(**options):
+    values = form_updates(NAMES, options)
+    return values
+
+
+@pytest.fixture(scope="module")
+def studio(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train-tab")
+    data = root / "data"
+    shutil.copytree(ROOT / "datasets_example" / "rim", data / "rim")
+    secret = root / "secret"
+    secret.mkdir()
+    (secret / "notes.txt").write_text("TOP-SECRET-TOKEN")
+    (data / "link-out").symlink_to(secret)
+    (root / "loras").mkdir()
+    out, port = root / "outputs", free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    log = root / "server.log"
+    with log.open("w") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "sdlora", "webui", "--base", "toy", "--lora-dir",
+                                 str(root / "loras"), "--output-dir", str(out), "--port", str(port), "--data-root",
+                                 str(data)], env=env, cwd=root, stdout=sink, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while not _up(url):
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"webui did not start: {log.read_text()}")
+        time.sleep(0.5)
+    yield {"url": url, "root": root, "data": data, "out": out, "secret": secret, "log": log}
+    _stop(proc)
+
+
+def test_paths_outside_the_data_root_are_refused_and_a_crashing_run_leaves_the_server_up(studio):
+    url, secret = studio["url"], studio["secret"]
+    before = sorted(p.name for p in secret.iterdir())
+    for payload in TRAVERSAL:
+        for api, values in (("look", [payload, 0, *form()]), ("written", [payload, "notes.txt", "x"]),
+                            ("written", ["rim/10_rimstyle", f"../../../secret/{payload}", "x"]),
+                            ("triggered", [payload, "pwn"]), ("started", [payload, *form()])):
+            kind, body = _call(url, api, values)
+            assert kind == "error" and "TOP-SECRET-TOKEN" not in body, (api, payload, body)
+    assert sorted(p.name for p in secret.iterdir()) == before
+    assert (secret / "notes.txt").read_text() == "TOP-SECRET-TOKEN"
+    # A run whose base cannot load fails in its own process; the tab reports the error, the server answers on.
+    kind, _ = _call(url, "started", ["rim/10_rimstyle", *form(base="no-such-base", name="broken", steps=2)])
+    assert kind == "complete"
+    deadline = time.time() + 120
+    while True:
+        kind, body = _call(url, "tick", ["broken", None])
+        if "failed" in body:
+            break
+        assert time.time() < deadline, body
+        time.sleep(1)
+    assert "error: " in body and _up(url)  # (the child's own message, shown in the tab)
+
+
+@pytest.mark.browser
+def test_train_from_the_browser_stop_resume_and_generate_with_the_result(studio):
+    from playwright.sync_api import sync_playwright
+
+    caption_file = studio["data"] / "rim" / "10_rimstyle" / "00_green_triangle.txt"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1200})
+        page.goto(studio["url"])
+        page.get_by_role("tab", name="Train").click()
+        page.locator("#train-folder input").click()
+        page.get_by_role("option", name="rim/10_rimstyle").click()
+        page.wait_for_selector("#train-thumbs img")
+        # Edit one caption in place: the file changes (a new inode: written beside it, then moved over it).
+        page.locator("#train-image input").click()
+        page.get_by_role("option", name="00_green_triangle.png").click()
+        box = page.locator("#train-caption").locator("textarea, input").first
+        page.wait_for_function("el => el.value.includes('green triangle')", arg=box.element_handle())
+        inode = caption_file.stat().st_ino
+        box.fill("rimstyle, a green triangle, edited in the browser")
+        page.locator("#train-save-caption").click()
+        page.wait_for_function("document.querySelector('#train-data-msg textarea').value.includes('saved')")
+        assert caption_file.read_text(encoding="utf-8") == "rimstyle, a green triangle, edited in the browser\n"
+        assert caption_file.stat().st_ino != inode
+        # A short run on the toy base: the step counter and the loss chart move, Stop saves, Resume finishes.
+        for name, value in (("base", "toy"), ("name", "browser-rim")):
+            page.locator(f"#opt-{name}").locator("textarea, input").first.fill(value)
+        for name, value in (("steps", "200"), ("rank", "4")):
+            field = page.locator(f"#opt-{name} input").first
+            field.fill(value)
+            field.press("Enter")
+        page.locator("#train-start").click()
+        page.wait_for_function("/running, step [1-9]\\d* of 200/.test(document.querySelector('#train-status')"
+                               ".innerText)", timeout=180_000)
+        page.wait_for_selector("#train-loss canvas, #train-loss svg", timeout=60_000)
+        page.locator("#train-stop").click()
+        page.wait_for_function("document.querySelector('#train-status').innerText.includes('stopped')",
+                               timeout=120_000)
+        run = studio["out"] / "browser-rim"
+        assert list((run / "state").glob("browser-rim-step*.state.safetensors"))
+        page.locator("#train-resume").click()
+        page.wait_for_function("document.querySelector('#train-status').innerText.includes('finished')",
+                               timeout=300_000)
+        assert (run / "browser-rim.safetensors").is_file() and (run / "browser-rim.toml").is_file()
+        # The finished LoRA is in the Generate tab's list at once; generate with it.
+        page.get_by_role("tab", name="Generate").click()
+        page.locator("#selected").get_by_label("browser-rim").check(timeout=30_000)
+        page.locator("#prompt textarea").fill("rimstyle, a red circle on a white background")
+        page.locator("#generate").click()
+        page.wait_for_selector("#gallery img", timeout=120_000)
+        assert "browser-rim" in page.locator("#info textarea").input_value()
+        browser.close()

@@ -1,0 +1,165 @@
+"""The Train tab's layout and wiring over `webui.training.Trainer`: data, settings, run, history."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+
+from sdlora.config import dump_toml, load_toml
+from sdlora.data.scan import read_caption
+from webui.training import BASICS, PAGE, Trainer, form_updates, form_values, option_specs
+
+TICK = 2.0  # seconds between progress reads while the tab is open
+
+
+def train_tab(trainer: Trainer, friendly, on_finished, loras) -> None:
+    """Built inside a `gr.Tab`. `friendly` turns errors into messages; `on_finished(adapter)` adds a finished
+    run's LoRA to the Generate tab's library and returns the update for `loras`, that tab's list of LoRAs."""
+    if trainer.root is None:
+        gr.Markdown("Training from the browser is off. Start the web UI with `--data-root FOLDER`, the folder that "
+                    "holds your training-image folders; the tab reads training data from there and nowhere else.")
+        return
+    names = [n for n, *_ in option_specs()]
+    with gr.Row():
+        folder = gr.Dropdown(trainer.folders(), label="Training images (a folder below the data root)",
+                             elem_id="train-folder")
+        refresh = gr.Button("Refresh folders", elem_id="train-refresh")
+    report = gr.Textbox(label="Pre-flight report", lines=8, interactive=False, elem_id="train-report")
+    with gr.Row():
+        page_no = gr.Number(0, precision=0, label=f"Page ({PAGE} images)", elem_id="train-page")
+        thumbs = gr.Gallery(label="Images and captions", columns=6, height="auto", elem_id="train-thumbs")
+    with gr.Row():
+        image = gr.Dropdown([], label="Image", elem_id="train-image")
+        caption = gr.Textbox(label="Caption", elem_id="train-caption")
+        save_caption = gr.Button("Save caption", elem_id="train-save-caption")
+    with gr.Row():
+        trigger = gr.Textbox(label="Trigger word to put first in every caption", elem_id="train-trigger-word")
+        add_trigger = gr.Button("Add to every caption", elem_id="train-add-trigger")
+    data_msg = gr.Textbox(label="Data", interactive=False, elem_id="train-data-msg")
+    fields = _fields(names)
+    with gr.Row():
+        toml_in = gr.File(label="Load TOML", file_types=[".toml"], type="filepath", elem_id="train-toml-in")
+        toml_out = gr.Textbox(label="As TOML (`sdlora train --config`)", lines=4, interactive=False,
+                              elem_id="train-toml-out")
+        show_toml = gr.Button("Show as TOML", elem_id="train-show-toml")
+    with gr.Row():
+        start = gr.Button("Start", variant="primary", elem_id="train-start")
+        stop = gr.Button("Stop (saves, resumable)", elem_id="train-stop")
+        resume = gr.Button("Resume", elem_id="train-resume")
+    status = gr.Markdown(elem_id="train-status")
+    loss = gr.LinePlot(x="step", y="loss", label="Loss", elem_id="train-loss")
+    samples = gr.Gallery(label="Samples", columns=4, height="auto", elem_id="train-samples")
+    warnings = gr.Textbox(label="Warnings", lines=2, interactive=False, elem_id="train-warnings")
+    with gr.Accordion("History", open=False):
+        history = gr.Dataframe(headers=["run", "status", "steps", "final loss", "adapter"], interactive=False,
+                               elem_id="train-history")
+        reopen = gr.Dropdown([], label="Open a past run's settings", elem_id="train-reopen")
+    library = gr.State(None)
+    values = [fields[n] for n in names]
+    run_name = fields["name"]
+
+    def look(rel, number, *form):
+        options = form_values(names, list(form))
+        page = trainer.page(rel, number)
+        root = trainer.folder(rel)
+        listed = [p.relative_to(root).as_posix() for p, _ in page]
+        return (trainer.preflight(rel, options), [(str(p), c) for p, c in page], gr.update(choices=listed))
+
+    def pick(rel, name):
+        return read_caption(trainer.image(rel, name)) or ""
+
+    def written(rel, name, text):
+        return f"saved {trainer.save_caption(rel, name, text).name}"
+
+    def triggered(rel, word):
+        return f"added {word!r} to {trainer.add_trigger(rel, word)} captions"
+
+    def started(rel, *form):
+        job = trainer.start(rel, form_values(names, list(form)))
+        return f"**{job.name}**: {job.status}"
+
+    def stopped(name):
+        trainer.jobs.stop(name)
+        return f"**{name}**: stopping at the end of this step (its state is saved)"
+
+    def resumed(name):
+        return f"**{name}**: {trainer.jobs.resume(name).status}"
+
+    def tick(name, seen):
+        import pandas as pd
+
+        if not name or name not in trainer.jobs.jobs:
+            return gr.update(), gr.update(), gr.update(), gr.update(), seen, gr.update()
+        p = trainer.jobs.progress(name)
+        rate = f", {p.rate:.2f} steps/s, {p.left} left" if p.rate and p.status == "running" else ""
+        text = f"**{name}**: {p.status}, step {p.step} of {p.total}{rate}" + (f"\n\nerror: {p.error}" if p.error else "")
+        frame = pd.DataFrame(p.losses or [], columns=["step", "loss"])
+        added = gr.update()
+        if p.status == "finished" and p.adapter is not None and seen != str(p.adapter):
+            added, seen = on_finished(p.adapter), str(p.adapter)
+        return text, frame, [str(s) for s in p.samples], "\n".join(p.warnings), seen, added
+
+    def past():
+        rows = [[r["name"], r["status"], r["steps"], r["final_loss"], r["adapter"].name if r["adapter"] else ""]
+                for r in trainer.jobs.history()]
+        return rows, gr.update(choices=[r[0] for r in rows])
+
+    def opened(name):
+        settings = trainer.relative(trainer.jobs.settings(name))
+        return [settings.get("data", gr.update()), *form_updates(names, settings)]
+
+    def loaded(path):
+        if not path:
+            return [gr.update()] * (1 + len(names))
+        settings = trainer.relative(load_toml(Path(path)))
+        return [settings.get("data", gr.update()), *form_updates(names, settings)]
+
+    def as_toml(rel, *form):
+        return dump_toml(trainer.config(rel, form_values(names, list(form))))
+
+    refresh.click(lambda: gr.update(choices=trainer.folders()), None, folder)
+    folder.input(friendly(look), [folder, page_no, *values], [report, thumbs, image])
+    page_no.change(friendly(look), [folder, page_no, *values], [report, thumbs, image])
+    image.input(friendly(pick), [folder, image], caption)
+    save_caption.click(friendly(written), [folder, image, caption], data_msg)
+    add_trigger.click(friendly(triggered), [folder, trigger], data_msg)
+    show_toml.click(friendly(as_toml), [folder, *values], toml_out)
+    toml_in.change(friendly(loaded), toml_in, [folder, *values])
+    start.click(friendly(started), [folder, *values], status)
+    stop.click(friendly(stopped), run_name, status)
+    resume.click(friendly(resumed), run_name, status)
+    timer = gr.Timer(TICK)
+    timer.tick(friendly(tick), [run_name, library], [status, loss, samples, warnings, library, loras])
+    timer.tick(past, None, [history, reopen])
+    reopen.change(friendly(opened), reopen, [folder, *values])
+
+
+def _fields(names: list[str]) -> dict:
+    """One input per option, defaults, choices and help from the config dataclasses; basics first, the rest
+    in an accordion."""
+    specs = {n: (d, h, c, k) for n, d, h, c, k in option_specs()}
+
+    def field(name):
+        default, help, choices, kind = specs[name]
+        label = f"--{name.replace('_', '-')}"
+        if choices:
+            return gr.Dropdown(list(choices), value=default, label=label, info=help, elem_id=f"opt-{name}")
+        if kind is bool:
+            return gr.Checkbox(value=default, label=label, info=help, elem_id=f"opt-{name}")
+        if kind in (int, float) and default is not None:  # (an optional number is a text box: empty = unset)
+            return gr.Number(value=default, label=label, info=help, precision=0 if kind is int else None,
+                             elem_id=f"opt-{name}")
+        value = "\n".join(default) if kind is list else ("" if default is None else str(default))
+        return gr.Textbox(value=value, label=label, info=help, lines=2 if kind is list else 1, elem_id=f"opt-{name}")
+
+    out = {}
+    with gr.Group():
+        for name in BASICS:
+            out[name] = field(name)
+    with gr.Accordion("Advanced settings", open=False):
+        for name in names:
+            if name not in out:
+                out[name] = field(name)
+    return out
+
