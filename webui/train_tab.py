@@ -25,6 +25,7 @@ def train_tab(trainer: Trainer, friendly, on_finished, loras) -> None:
         folder = gr.Dropdown(trainer.folders(), label="Training images (a folder below the data root)",
                              elem_id="train-folder")
         refresh = gr.Button("Refresh folders", elem_id="train-refresh")
+        check = gr.Button("Check the data with these settings", elem_id="train-check")
     report = gr.Textbox(label="Pre-flight report", lines=8, interactive=False, elem_id="train-report")
     with gr.Row():
         page_no = gr.Number(0, precision=0, label=f"Page ({PAGE} images)", elem_id="train-page")
@@ -121,6 +122,7 @@ def train_tab(trainer: Trainer, friendly, on_finished, loras) -> None:
     refresh.click(lambda: gr.update(choices=trainer.folders()), None, folder)
     folder.input(friendly(look), [folder, page_no, *values], [report, thumbs, image])
     page_no.change(friendly(look), [folder, page_no, *values], [report, thumbs, image])
+    check.click(friendly(look), [folder, page_no, *values], [report, thumbs, image])
     image.input(friendly(pick), [folder, image], caption)
     save_caption.click(friendly(written), [folder, image, caption], data_msg)
     add_trigger.click(friendly(triggered), [folder, trigger], data_msg)
