@@ -139,6 +139,12 @@ class Jobs:
                                         env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
         job.status = "running"
 
+    def active(self) -> str:
+        """The run a page that names none follows: the running one, else the last one started ("" for none)."""
+        self.poll()
+        running = [n for n, j in self.jobs.items() if j.status in ("running", "stopping")]
+        return running[0] if running else next(reversed(self.jobs), "")
+
     def shutdown(self, timeout: float = 60) -> None:
         """Ask the running job to save and exit, and wait for it (the server is stopping)."""
         with self.lock:

@@ -60,3 +60,15 @@ def test_the_preflight_report_is_the_one_train_prints(trainer):
     assert "18 images found, 18 used, 0 skipped" in text
     with pytest.raises(ConfigError, match="unknown option 'nonsense'"):
         trainer.preflight("rim", {"nonsense": 1})
+
+
+def test_settings_are_saved_as_a_toml_that_train_reads(trainer):
+    from sdlora.config import build_config, dump_toml, load_toml
+
+    cfg = trainer.config("rim", {"base": "toy", "steps": 7, "kind": "lokr"})
+    path = trainer.save_toml("mine", dump_toml(cfg))
+    assert path == trainer.jobs.outputs / "toml" / "mine.toml"
+    again = build_config(load_toml(path))
+    assert (again.steps, again.adapter.kind, again.data.data) == (7, "lokr", trainer.root / "rim")
+    with pytest.raises(ConfigError, match="run name '../x'"):
+        trainer.save_toml("../x", "")

@@ -113,6 +113,11 @@ def test_train_from_the_browser_stop_resume_and_generate_with_the_result(studio)
         page.wait_for_function("/running, step [1-9]\\d* of 200/.test(document.querySelector('#train-status')"
                                ".innerText)", timeout=180_000)
         page.wait_for_selector("#train-loss canvas, #train-loss svg", timeout=60_000)
+        # A reloaded page (its form empty) finds the running job and follows it; Stop and Resume act on it.
+        page.reload()
+        page.get_by_role("tab", name="Train").click()
+        page.wait_for_function("document.querySelector('#train-status').innerText.includes('browser-rim: running')",
+                               timeout=60_000)
         page.locator("#train-stop").click()
         page.wait_for_function("document.querySelector('#train-status').innerText.includes('stopped')",
                                timeout=120_000)
@@ -122,8 +127,9 @@ def test_train_from_the_browser_stop_resume_and_generate_with_the_result(studio)
         page.wait_for_function("document.querySelector('#train-status').innerText.includes('finished')",
                                timeout=300_000)
         assert (run / "browser-rim.safetensors").is_file() and (run / "browser-rim.toml").is_file()
-        # The finished LoRA is in the Generate tab's list at once; generate with it.
+        # The finished LoRA is in the Generate tab's list and cards at once; generate with it.
         page.get_by_role("tab", name="Generate").click()
+        page.wait_for_function("document.querySelector('#cards').innerText.includes('browser-rim')", timeout=30_000)
         page.locator("#selected").get_by_label("browser-rim").check(timeout=30_000)
         page.locator("#prompt textarea").fill("rimstyle, a red circle on a white background")
         page.locator("#generate").click()

@@ -181,13 +181,13 @@ class Studio:
                 'style="width:100%;height:640px;border:0"></iframe>')
 
     def add_lora(self, path: Path):
-        """A LoRA a run of the Train tab just finished, into the library and the list to tick."""
+        """A LoRA a run of the Train tab just finished, into the library: the list to tick and the cards."""
         library = self.engine.library
         if Path(path) not in library.files:
             library.files.append(Path(path))
         self.engine.rescan()
         self.usable = [n for n, e in library.entries.items() if e.compatible]
-        return gr.update(choices=self.usable)
+        return [gr.update(choices=self.usable), _cards(self.engine)]
 
     @staticmethod
     def insert_trigger(sample, prompt):
@@ -216,7 +216,7 @@ def build_app(engine: Engine, output_dir: Path, data_root: Path | None = None):
                     ui |= _library(studio, ui["prompt"])
             ui |= _tools(studio)
         with gr.Tab("Train", elem_id="tab-train"):
-            train_tab(trainer, friendly, studio.add_lora, ui["selected"])
+            train_tab(trainer, friendly, studio.add_lora, [ui["selected"], ui["cards"]])
 
         def take(*keys):
             return [ui[k] for k in keys]
@@ -262,9 +262,9 @@ def _library(studio: Studio, prompt) -> dict:
     """The right column: LoRA cards, previews, trigger words, the tick boxes and one weight row per ticked LoRA."""
     entries = studio.engine.library.entries.values()
     gr.Markdown("### LoRAs")
-    gr.Dataframe(value=_cards(studio.engine), headers=["name", "family", "rank", "trigger words", "weight", "kind",
-                                                       "status", "report"], interactive=False, wrap=True,
-                 elem_id="cards")
+    cards = gr.Dataframe(value=_cards(studio.engine), headers=["name", "family", "rank", "trigger words", "weight",
+                                                               "kind", "status", "report"], interactive=False,
+                         wrap=True, elem_id="cards")
     previews = [(e.preview, e.name) for e in entries if e.preview]
     if previews:
         from PIL import Image
@@ -296,7 +296,7 @@ def _library(studio: Studio, prompt) -> dict:
     saved = gr.Textbox(label="Saved", interactive=False, elem_id="saved")
     save.click(studio.save_blend, [save_name, selected, *slot_components], [selected, saved], concurrency_limit=1,
                concurrency_id="gpu")
-    return {"selected": selected, "slot_components": slot_components, "slot_outputs": slot_outputs}
+    return {"selected": selected, "slot_components": slot_components, "slot_outputs": slot_outputs, "cards": cards}
 
 
 def _tools(studio: Studio) -> dict:

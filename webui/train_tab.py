@@ -15,7 +15,8 @@ TICK = 2.0  # seconds between progress reads while the tab is open
 
 def train_tab(trainer: Trainer, friendly, on_finished, loras) -> None:
     """Built inside a `gr.Tab`. `friendly` turns errors into messages; `on_finished(adapter)` adds a finished
-    run's LoRA to the Generate tab's library and returns the update for `loras`, that tab's list of LoRAs."""
+    run's LoRA to the Generate tab's library and returns the updates for `loras`, that tab's components listing
+    LoRAs (the tick boxes and the cards)."""
     if trainer.root is None:
         gr.Markdown("Training from the browser is off. Start the web UI with `--data-root FOLDER`, the folder that "
                     "holds your training-image folders; the tab reads training data from there and nowhere else.")
@@ -43,7 +44,8 @@ def train_tab(trainer: Trainer, friendly, on_finished, loras) -> None:
         toml_in = gr.File(label="Load TOML", file_types=[".toml"], type="filepath", elem_id="train-toml-in")
         toml_out = gr.Textbox(label="As TOML (`sdlora train --config`)", lines=4, interactive=False,
                               elem_id="train-toml-out")
-        show_toml = gr.Button("Show as TOML", elem_id="train-show-toml")
+        show_toml = gr.Button("Save as TOML", elem_id="train-show-toml")
+        toml_file = gr.File(label="TOML file", interactive=False, elem_id="train-toml-file")
     with gr.Row():
         start = gr.Button("Start", variant="primary", elem_id="train-start")
         stop = gr.Button("Stop (saves, resumable)", elem_id="train-stop")
@@ -81,25 +83,29 @@ def train_tab(trainer: Trainer, friendly, on_finished, loras) -> None:
         return f"**{job.name}**: {job.status}"
 
     def stopped(name):
+        name = name or trainer.jobs.active()
         trainer.jobs.stop(name)
         return f"**{name}**: stopping at the end of this step (its state is saved)"
 
     def resumed(name):
+        name = name or trainer.jobs.active()
         return f"**{name}**: {trainer.jobs.resume(name).status}"
 
     def tick(name, seen):
         import pandas as pd
 
-        if not name or name not in trainer.jobs.jobs:
-            return gr.update(), gr.update(), gr.update(), gr.update(), seen, gr.update()
+        if not name or name not in trainer.jobs.jobs:  # a reloaded page or a second tab: follow the live run
+            name = trainer.jobs.active()
+        if not name:
+            return gr.update(), gr.update(), gr.update(), gr.update(), seen, *[gr.update()] * len(loras)
         p = trainer.jobs.progress(name)
         rate = f", {p.rate:.2f} steps/s, {p.left} left" if p.rate and p.status == "running" else ""
         text = f"**{name}**: {p.status}, step {p.step} of {p.total}{rate}" + (f"\n\nerror: {p.error}" if p.error else "")
         frame = pd.DataFrame(p.losses or [], columns=["step", "loss"])
-        added = gr.update()
+        added = [gr.update()] * len(loras)
         if p.status == "finished" and p.adapter is not None and seen != str(p.adapter):
             added, seen = on_finished(p.adapter), str(p.adapter)
-        return text, frame, [str(s) for s in p.samples], "\n".join(p.warnings), seen, added
+        return text, frame, [str(s) for s in p.samples], "\n".join(p.warnings), seen, *added
 
     def past():
         rows = [[r["name"], r["status"], r["steps"], r["final_loss"], r["adapter"].name if r["adapter"] else ""]
@@ -117,7 +123,9 @@ def train_tab(trainer: Trainer, friendly, on_finished, loras) -> None:
         return [settings.get("data", gr.update()), *form_updates(names, settings)]
 
     def as_toml(rel, *form):
-        return dump_toml(trainer.config(rel, form_values(names, list(form))))
+        cfg = trainer.config(rel, form_values(names, list(form)))
+        text = dump_toml(cfg)
+        return text, str(trainer.save_toml(cfg.name or Path(cfg.data.data).name, text))
 
     refresh.click(lambda: gr.update(choices=trainer.folders()), None, folder)
     folder.input(friendly(look), [folder, page_no, *values], [report, thumbs, image])
@@ -126,13 +134,13 @@ def train_tab(trainer: Trainer, friendly, on_finished, loras) -> None:
     image.input(friendly(pick), [folder, image], caption)
     save_caption.click(friendly(written), [folder, image, caption], data_msg)
     add_trigger.click(friendly(triggered), [folder, trigger], data_msg)
-    show_toml.click(friendly(as_toml), [folder, *values], toml_out)
+    show_toml.click(friendly(as_toml), [folder, *values], [toml_out, toml_file])
     toml_in.change(friendly(loaded), toml_in, [folder, *values])
     start.click(friendly(started), [folder, *values], status)
     stop.click(friendly(stopped), run_name, status)
     resume.click(friendly(resumed), run_name, status)
     timer = gr.Timer(TICK)
-    timer.tick(friendly(tick), [run_name, library], [status, loss, samples, warnings, library, loras])
+    timer.tick(friendly(tick), [run_name, library], [status, loss, samples, warnings, library, *loras])
     timer.tick(past, None, [history, reopen])
     reopen.change(friendly(opened), reopen, [folder, *values])
 

@@ -127,6 +127,13 @@ class Trainer:
                 out[key] = Path(out[key]).resolve().relative_to(self.root).as_posix()
         return out
 
+    def save_toml(self, name: str, text: str) -> Path:
+        """The settings as `outputs/toml/NAME.toml` (to download, or to pass to `sdlora train --config`)."""
+        path = self.jobs.outputs / "toml" / f"{self.jobs.folder(name).name}.toml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, text.encode("utf-8"))
+        return path
+
     def start(self, rel: str, options: dict):
         return self.jobs.submit(self.config(rel, options))
 
