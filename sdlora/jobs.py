@@ -178,9 +178,8 @@ class Jobs:
                 p.warnings.append(seg.removeprefix("warning: "))
             elif seg.startswith("error: "):
                 p.error = seg.removeprefix("error: ")
-        csv = folder / "logs" / "loss.csv"
-        if csv.is_file() and p.status != "running":
-            p.losses = [(s, loss) for s, loss, _ in read_csv(csv, 10**12)]
+        if p.status != "running":
+            p.losses = [(s, loss) for s, loss, _ in read_csv(folder / "logs" / "loss.csv")] or p.losses
         p.samples = sorted((folder / "samples").glob("*.png")) if (folder / "samples").is_dir() else []
         adapter = folder / f"{name}.safetensors"
         p.adapter = adapter if adapter.is_file() else None
@@ -197,8 +196,7 @@ class Jobs:
                 settings = load_toml(toml)
             except ConfigError:
                 continue
-            csv = folder / "logs" / "loss.csv"
-            rows = read_csv(csv, 10**12) if csv.is_file() else []
+            rows = read_csv(folder / "logs" / "loss.csv")
             adapter = folder / f"{name}.safetensors"
             runs.append({"name": name, "settings": settings, "steps": rows[-1][0] if rows else 0,
                          "final_loss": rows[-1][1] if rows else None,

@@ -18,12 +18,13 @@ def write_csv(path: Path, rows: list[tuple[int, float, float]]) -> None:
     atomic_write_bytes(path, buf.getvalue().encode())
 
 
-def read_csv(path: Path, up_to: int) -> list[tuple[int, float, float]]:
+def read_csv(path: Path, up_to: int | None = None) -> list[tuple[int, float, float]]:
+    """(step, loss, lr) rows, those up to step `up_to` (all when None); none when the file is missing."""
     if not Path(path).is_file():
         return []
     with open(path, newline="", encoding="utf-8") as f:
         rows = [(int(r["step"]), float(r["loss"]), float(r["lr"])) for r in csv.DictReader(f)]
-    return [r for r in rows if r[0] <= up_to]
+    return [r for r in rows if up_to is None or r[0] <= up_to]
 
 
 def plot_loss(path: Path, rows: list[tuple[int, float, float]], size=(640, 360)) -> None:

@@ -54,7 +54,7 @@ def train_tab(trainer: Trainer, friendly, on_finished, loras) -> None:
     loss = gr.LinePlot(x="step", y="loss", label="Loss", elem_id="train-loss")
     samples = gr.Gallery(label="Samples", columns=4, height="auto", elem_id="train-samples")
     warnings = gr.Textbox(label="Warnings", lines=2, interactive=False, elem_id="train-warnings")
-    with gr.Accordion("History", open=False):
+    with gr.Accordion("History", open=False) as past_runs:
         history = gr.Dataframe(headers=["run", "status", "steps", "final loss", "adapter"], interactive=False,
                                elem_id="train-history")
         reopen = gr.Dropdown([], label="Open a past run's settings", elem_id="train-reopen")
@@ -141,7 +141,7 @@ def train_tab(trainer: Trainer, friendly, on_finished, loras) -> None:
     resume.click(friendly(resumed), run_name, status)
     timer = gr.Timer(TICK)
     timer.tick(friendly(tick), [run_name, library], [status, loss, samples, warnings, library, *loras])
-    timer.tick(past, None, [history, reopen])
+    past_runs.expand(past, None, [history, reopen])  # (read when opened: it scans every run folder)
     reopen.change(friendly(opened), reopen, [folder, *values])
 
 

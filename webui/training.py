@@ -148,6 +148,7 @@ FOLDER_OPTIONS = ("reg_data", "validation_data")  # folders below the data root,
 
 def option_specs() -> list[tuple[str, object, str, tuple | None, type]]:
     """(name, default, help, choices, kind) for every option the form shows, from the config dataclasses."""
+    import types
     import typing
 
     from sdlora.config import default_of, option_fields
@@ -157,7 +158,7 @@ def option_specs() -> list[tuple[str, object, str, tuple | None, type]]:
         if f.name in DECIDED:
             continue
         args = [a for a in typing.get_args(typ) if a is not type(None)]
-        kind = args[0] if typing.get_origin(typ) in (typing.Union, __import__("types").UnionType) else typ
+        kind = args[0] if typing.get_origin(typ) in (typing.Union, types.UnionType) else typ
         kind = list if typing.get_origin(kind) is list else kind
         out.append((f.name, default_of(f), f.metadata.get("help", ""), f.metadata.get("choices"), kind))
     return out
