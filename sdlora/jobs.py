@@ -146,8 +146,12 @@ class Jobs:
         return running[0] if running else next(reversed(self.jobs), "")
 
     def shutdown(self, timeout: float = 60) -> None:
-        """Ask the running job to save and exit, and wait for it (the server is stopping)."""
+        """Ask the running job to save and exit, and wait for it; queued runs stay unstarted (the server is
+        stopping)."""
         with self.lock:
+            for job in self.jobs.values():
+                if job.status == "queued":
+                    job.status = "stopped"
             running = [j for j in self.jobs.values() if j.status == "running"]
         for job in running:
             self.stop(job.name)

@@ -49,6 +49,8 @@ def test_captions_are_shown_edited_atomically_and_a_trigger_is_added_once(traine
     assert not list(target.parent.glob("*.tmp*"))
     with pytest.raises(ConfigError, match="no image"):
         trainer.save_caption("rim", "../../secret/a.png", "x")
+    with pytest.raises(ConfigError, match="no image"):
+        trainer.save_captions("rim", [["../../secret/a.png", ""]], ["x"])
     assert trainer.add_trigger("rim", "zzstyle") == 18
     assert trainer.add_trigger("rim", "zzstyle") == 0  # already a tag everywhere
     assert target.read_text(encoding="utf-8") == "zzstyle, café, a new caption\n"
@@ -72,3 +74,21 @@ def test_settings_are_saved_as_a_toml_that_train_reads(trainer):
     assert (again.steps, again.adapter.kind, again.data.data) == (7, "lokr", trainer.root / "rim")
     with pytest.raises(ConfigError, match="run name '../x'"):
         trainer.save_toml("../x", "")
+
+
+def test_a_page_of_captions_saves_only_what_changed_and_never_over_a_change_made_elsewhere(trainer):
+    shown = [[p.relative_to(trainer.root / "rim").as_posix(), c] for p, c in trainer.page("rim", 0)]
+    files = [trainer.root / "rim" / Path(n).with_suffix(".txt") for n, _ in shown]
+    inodes = [f.stat().st_ino for f in files]
+    edited = [c for _, c in shown] + [""] * 6  # (the grid's unused boxes)
+    edited[0] = "rimstyle, edited here"
+    edited[1] = shown[1][1] + "  "  # only spacing: not a change
+    edited[2] = "rimstyle, edited here too"
+    files[2].write_text("rimstyle, changed in another editor\n", encoding="utf-8")  # since the page was shown
+    written, left = trainer.save_captions("rim", shown, edited)
+    assert written == [files[0]] and left == [shown[2][0]]
+    assert files[0].read_text(encoding="utf-8") == "rimstyle, edited here\n"
+    assert files[2].read_text(encoding="utf-8") == "rimstyle, changed in another editor\n"
+    assert [f.stat().st_ino for f in files[3:]] == inodes[3:]
+    with pytest.raises(ConfigError, match="choose one of the folders"):
+        trainer.save_captions("..", shown, edited)

@@ -346,6 +346,10 @@ def serve(base: str, lora_dir: Path, output_dir: Path, host: str = StudioConfig.
     engine = Engine(base, lora_dir, base_config=base_config, quantize=quantize)
     app = build_app(engine, output_dir, data_root)
     allowed = [str(output_dir)] + ([str(Path(data_root).resolve())] if data_root else [])
+    if block:  # SIGTERM (a service manager stopping the server) ends it the way Ctrl-C does, through the finally
+        import signal
+
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         app.launch(server_name=host, server_port=port, share=False, allowed_paths=allowed,
                    blocked_paths=[str(Path(lora_dir).resolve())] if lora_dir else None, prevent_thread_lock=not block,
@@ -354,6 +358,10 @@ def serve(base: str, lora_dir: Path, output_dir: Path, host: str = StudioConfig.
         if block:
             app.sdlora_jobs.shutdown()
     return app
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 __all__ = ["build_app", "serve"]

@@ -7,7 +7,6 @@ from pathlib import Path
 import gradio as gr
 
 from sdlora.config import dump_toml, load_toml
-from sdlora.data.scan import read_caption
 from webui.training import BASICS, PAGE, Trainer, form_updates, form_values, option_specs
 
 TICK = 2.0  # seconds between progress reads while the tab is open
@@ -29,12 +28,10 @@ def train_tab(trainer: Trainer, friendly, on_finished, loras) -> None:
         check = gr.Button("Check the data with these settings", elem_id="train-check")
     report = gr.Textbox(label="Pre-flight report", lines=8, interactive=False, elem_id="train-report")
     with gr.Row():
-        page_no = gr.Number(0, precision=0, label=f"Page ({PAGE} images)", elem_id="train-page")
-        thumbs = gr.Gallery(label="Images and captions", columns=6, height="auto", elem_id="train-thumbs")
-    with gr.Row():
-        image = gr.Dropdown([], label="Image", elem_id="train-image")
-        caption = gr.Textbox(label="Caption", elem_id="train-caption")
-        save_caption = gr.Button("Save caption", elem_id="train-save-caption")
+        page_no = gr.Number(0, precision=0, label=f"Page ({PAGE} images; save your edits before turning it)", elem_id="train-page")
+        save_captions = gr.Button("Save the captions changed on this page", elem_id="train-save-captions")
+    thumbs, captions = _grid()
+    shown = gr.State([])  # [image, caption] for each slot filled, as the page showed them
     with gr.Row():
         trigger = gr.Textbox(label="Trigger word to put first in every caption", elem_id="train-trigger-word")
         add_trigger = gr.Button("Add to every caption", elem_id="train-add-trigger")
@@ -64,16 +61,24 @@ def train_tab(trainer: Trainer, friendly, on_finished, loras) -> None:
 
     def look(rel, number, *form):
         options = form_values(names, list(form))
-        page = trainer.page(rel, number)
-        root = trainer.folder(rel)
-        listed = [p.relative_to(root).as_posix() for p, _ in page]
-        return (trainer.preflight(rel, options), [(str(p), c) for p, c in page], gr.update(choices=listed))
+        return trainer.preflight(rel, options), *filled(rel, number)
 
-    def pick(rel, name):
-        return read_caption(trainer.image(rel, name)) or ""
+    def filled(rel, number):
+        root, page = trainer.folder(rel), trainer.page(rel, number)
+        listed = [[p.relative_to(root).as_posix(), c] for p, c in page]
+        empty = gr.update(value=None, visible=False)
+        images = [gr.update(value=str(p), visible=True) for p, _ in page] + [empty] * (PAGE - len(page))
+        texts = [gr.update(value=c, label=n, visible=True) for n, c in listed] + [empty] * (PAGE - len(page))
+        return listed, *images, *texts
 
-    def written(rel, name, text):
-        return f"saved {trainer.save_caption(rel, name, text).name}"
+    def written(rel, listed, *texts):
+        saved, left = trainer.save_captions(rel, listed, list(texts))
+        message = f"saved {len(saved)} caption(s)" + (f": {', '.join(p.name for p in saved)}" if saved else "")
+        if left:
+            message += (f"; not saved, changed on disk since the page was shown: {', '.join(left)} (reload the page "
+                        "to see them, then edit again)")
+        now = [[n, t if n not in left else c] for (n, c), t in zip(listed, texts, strict=False)]
+        return message, now
 
     def triggered(rel, word):
         return f"added {word!r} to {trainer.add_trigger(rel, word)} captions"
@@ -127,13 +132,14 @@ def train_tab(trainer: Trainer, friendly, on_finished, loras) -> None:
         text = dump_toml(cfg)
         return text, str(trainer.save_toml(cfg.name or Path(cfg.data.data).name, text))
 
+    grid = [shown, *thumbs, *captions]
     refresh.click(lambda: gr.update(choices=trainer.folders()), None, folder)
-    folder.input(friendly(look), [folder, page_no, *values], [report, thumbs, image])
-    page_no.change(friendly(look), [folder, page_no, *values], [report, thumbs, image])
-    check.click(friendly(look), [folder, page_no, *values], [report, thumbs, image])
-    image.input(friendly(pick), [folder, image], caption)
-    save_caption.click(friendly(written), [folder, image, caption], data_msg)
-    add_trigger.click(friendly(triggered), [folder, trigger], data_msg)
+    folder.input(friendly(look), [folder, page_no, *values], [report, *grid])
+    page_no.change(friendly(filled), [folder, page_no], grid)
+    check.click(friendly(look), [folder, page_no, *values], [report, *grid])
+    save_captions.click(friendly(written), [folder, shown, *captions], [data_msg, shown])
+    add_trigger.click(friendly(triggered), [folder, trigger], data_msg).success(friendly(filled), [folder, page_no],
+                                                                                 grid)
     show_toml.click(friendly(as_toml), [folder, *values], [toml_out, toml_file])
     toml_in.change(friendly(loaded), toml_in, [folder, *values])
     start.click(friendly(started), [folder, *values], status)
@@ -143,6 +149,19 @@ def train_tab(trainer: Trainer, friendly, on_finished, loras) -> None:
     timer.tick(friendly(tick), [run_name, library], [status, loss, samples, warnings, library, *loras])
     past_runs.expand(past, None, [history, reopen])  # (read when opened: it scans every run folder)
     reopen.change(friendly(opened), reopen, [folder, *values])
+
+
+def _grid(columns: int = 6) -> tuple[list, list]:
+    """PAGE slots, each a thumbnail over its caption's text box (hidden until a page fills it)."""
+    thumbs, captions = [], []
+    for first in range(0, PAGE, columns):
+        with gr.Row(equal_height=False):
+            for i in range(first, first + columns):
+                with gr.Column(min_width=120):
+                    thumbs.append(gr.Image(height=128, interactive=False, show_label=False, buttons=[],
+                                           visible=False, elem_id=f"train-thumb-{i}"))
+                    captions.append(gr.Textbox(lines=2, visible=False, elem_id=f"train-caption-{i}"))
+    return thumbs, captions
 
 
 def _fields(names: list[str]) -> dict:

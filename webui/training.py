@@ -64,14 +64,7 @@ class Trainer:
         """One page of thumbnails with their captions ("" when an image has none)."""
         images = self.images(rel)
         start = max(0, int(number)) * PAGE
-        out = []
-        for image in images[start:start + PAGE]:
-            try:
-                caption = read_caption(image) or ""
-            except SdloraError as e:
-                caption = f"(unreadable caption: {e})"
-            out.append((image, caption))
-        return out
+        return [(image, _shown(image)) for image in images[start:start + PAGE]]
 
     def image(self, rel: str, name: str) -> Path:
         """An image of the folder by its path relative to the folder, as the page listed it."""
@@ -84,11 +77,28 @@ class Trainer:
     def save_caption(self, rel: str, name: str, caption: str) -> Path:
         """Write one caption (its existing .txt/.caption file, else a new .txt), atomically, in UTF-8."""
         image = self.image(rel, name)
-        text = " ".join(str(caption).split())
+        text = _words(caption)
         target = next((image.with_suffix(e) for e in CAPTION_EXTS if image.with_suffix(e).is_file()),
                       image.with_suffix(".txt"))
         atomic_write_bytes(target, (text + "\n").encode("utf-8"))
         return target
+
+    def save_captions(self, rel: str, shown: list, edited: list[str]) -> tuple[list[Path], list[str]]:
+        """The captions edited on a page of the grid: `shown` lists each image of the page with the caption it
+        showed, `edited` the boxes' text now, in the same order. Writes only the captions that changed; one changed
+        on disk since the page was shown is left alone and named (nothing typed elsewhere is overwritten).
+        Returns the files written and the images left alone."""
+        written, left = [], []
+        self.folder(rel)
+        for (name, before), text in zip(shown or [], edited, strict=False):
+            image = self.image(rel, name)
+            if _words(text) == _words(before):
+                continue
+            if _words(_shown(image)) != _words(before):
+                left.append(str(name))
+                continue
+            written.append(self.save_caption(rel, name, text))
+        return written, left
 
     def add_trigger(self, rel: str, word: str) -> int:
         """Put `word` first in every caption that does not have it as a tag yet; returns how many changed."""
@@ -195,3 +205,15 @@ def form_updates(names: list[str], settings: dict) -> list:
             value = "" if value is None else str(value)
         out.append(value)
     return out
+
+
+def _shown(image: Path) -> str:
+    try:
+        return read_caption(image) or ""
+    except SdloraError as e:
+        return f"(unreadable caption: {e})"
+
+
+def _words(text) -> str:
+    """A caption as it is written: words separated by single spaces."""
+    return " ".join(str(text or "").split())
