@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from .safefiles import atomic_write_bytes
 
 LOG = Path("logs") / "train.log"
 START = b"--- sdlora: run started ---"  # each start's output follows one of these in the log
+END = "--- sdlora: run ended ---"  # written by the server when it sees the child exit
+_MARK = re.compile(r"--- sdlora: run (started|ended) --- at=(\d+(?:\.\d+)?)")
 # tqdm's bar: "  1%|▏ | 3/400 [00:01<02:10,  3.05step/s, loss=1.0527, lr=1.00e-04]"
 _BAR = re.compile(r"(\d+)/(\d+) \[([\d:]+)<([\d:?]+)(?:,\s*([\d.]+)(step/s|s/step))?(?:,\s*loss=([\d.eE+-]+|nan|inf))?")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -122,6 +125,8 @@ class Jobs:
                 if code is None:
                     return  # one at a time
                 job.status = {0: "finished", 130: "stopped", 143: "stopped"}.get(code, "failed")
+                with open(job.folder / LOG, "a", encoding="utf-8") as f:
+                    f.write(f"\n{END} at={time.time():.0f} exit={code}\n")
         for job in self.jobs.values():
             if job.status == "queued":
                 self._launch(job)
@@ -134,7 +139,7 @@ class Jobs:
         if job.resume:
             args += ["--resume", "latest"]
         with open(log, "ab") as f:  # the child keeps its own handle
-            f.write(START + b"\n")
+            f.write(START + f" at={time.time():.0f}\n".encode())
             job.proc = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                         env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
         job.status = "running"
@@ -203,7 +208,7 @@ class Jobs:
             rows = read_csv(folder / "logs" / "loss.csv")
             adapter = folder / f"{name}.safetensors"
             runs.append({"name": name, "settings": settings, "steps": rows[-1][0] if rows else 0,
-                         "final_loss": rows[-1][1] if rows else None,
+                         "final_loss": rows[-1][1] if rows else None, "seconds": _seconds(folder / LOG),
                          "adapter": adapter if adapter.is_file() else None,
                          "status": self.jobs[name].status if name in self.jobs else "idle"})
         return runs
@@ -211,6 +216,37 @@ class Jobs:
     def settings(self, name: str) -> dict:
         """A past run's options, to load back into the form."""
         return load_toml(self.folder(name) / f"{name}.toml")
+
+
+def _seconds(log: Path) -> float:
+    """Time spent on the run, summed over its starts: each from its start to its end (marked when the server saw
+    the child exit); a start whose end was never marked counts to the log's last write if it is the last, else the
+    time its progress bar last showed."""
+    if not log.is_file():
+        return 0.0
+    text = log.read_text(encoding="utf-8", errors="replace")
+    segments = text.split(START.decode())[1:]
+    total = 0.0
+    for i, seg in enumerate(segments):
+        marks = dict(_MARK.findall(START.decode() + seg))
+        if "started" not in marks:
+            continue
+        if "ended" in marks:
+            total += float(marks["ended"]) - float(marks["started"])
+        elif i == len(segments) - 1:
+            total += max(0.0, log.stat().st_mtime - float(marks["started"]))
+        else:
+            bars = [m.group(3) for m in _BAR.finditer(seg)]
+            total += _clock(bars[-1]) if bars else 0.0
+    return total
+
+
+def _clock(text: str) -> float:
+    """tqdm's "[HH:]MM:SS" as seconds."""
+    seconds = 0.0
+    for part in text.split(":"):
+        seconds = seconds * 60 + float(part)
+    return seconds
 
 
 def _tail(path: Path, limit: int = 1 << 20) -> str:

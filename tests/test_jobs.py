@@ -32,7 +32,7 @@ def wait(jobs, name, until, timeout=240):
 @pytest.mark.slow
 def test_a_run_queues_stops_resumes_and_finishes_in_its_own_folder(tmp_path):
     data = make_dataset(tmp_path / "data", n=2)
-    jobs = Jobs(tmp_path / "outputs")
+    jobs, began = Jobs(tmp_path / "outputs"), time.time()
     long = jobs.submit(config(data, "long", 400))
     first = wait(jobs, "long", lambda p: p.step >= 3 and p.losses)
     assert first.status == "running" and first.total == 400 and first.rate and first.losses
@@ -60,7 +60,9 @@ def test_a_run_queues_stops_resumes_and_finishes_in_its_own_folder(tmp_path):
     wait(jobs, "long", lambda p: p.status == "stopped")
     history = {r["name"]: r for r in jobs.history()}
     assert history["short"]["steps"] == 4 and history["short"]["final_loss"] > 0
+    assert 0 < history["short"]["seconds"] < time.time() - began
     assert history["short"]["adapter"] == done.adapter and history["long"]["status"] == "stopped"
+    assert history["long"]["seconds"] > 0  # (two starts)
     assert jobs.settings("short")["steps"] == 4
 
 
@@ -75,3 +77,16 @@ def test_a_run_that_fails_reports_its_error_and_the_next_one_starts(tmp_path):
         jobs.resume("nothing")
     with pytest.raises(ConfigError, match="'broken' is not running"):
         jobs.stop("broken")
+
+
+def test_the_time_a_run_took_sums_its_starts(tmp_path):
+    from sdlora.jobs import END, LOG, START, _seconds
+
+    log = tmp_path / LOG
+    log.parent.mkdir()
+    start = START.decode()
+    log.write_text(f"{start} at=1000\n 1%| | 3/400 [00:05<02:10, 3.05step/s, loss=1.05]\n{END} at=1060 exit=130\n"
+                   f"{start} at=5000\n 2%| | 8/400 [01:02:03<02:10, 3.05step/s, loss=1.05]\n"  # (its end unmarked)
+                   f"{start} at=9000\n 3%| | 9/400 [00:01<02:10, 3.05step/s]\n{END} at=9030 exit=0\n")
+    assert _seconds(log) == 60 + 3723 + 30
+    assert _seconds(tmp_path / "none.log") == 0

@@ -167,6 +167,9 @@ def test_train_from_the_browser_stop_resume_and_generate_with_the_result(studio)
         # The finished LoRA is in the Generate tab's list and cards at once; generate with it.
         page.get_by_role("tab", name="Generate").click()
         page.wait_for_function("document.querySelector('#cards').innerText.includes('browser-rim')", timeout=30_000)
+        assert (run / "browser-rim.preview.png").is_file()  # (its last sample) shown with its trigger word
+        page.wait_for_selector("#previews img", timeout=30_000)
+        page.locator("#triggers").get_by_text("rimstyle").first.wait_for(timeout=30_000)
         page.locator("#selected").get_by_label("browser-rim").check(timeout=30_000)
         page.locator("#prompt textarea").fill("rimstyle, a red circle on a white background")
         page.locator("#generate").click()

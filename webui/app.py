@@ -187,7 +187,9 @@ class Studio:
             library.files.append(Path(path))
         self.engine.rescan()
         self.usable = [n for n, e in library.entries.items() if e.compatible]
-        return [gr.update(choices=self.usable), _cards(self.engine)]
+        previews, triggers = _previews(self.engine), _triggers(self.engine)
+        return [gr.update(choices=self.usable), _cards(self.engine), gr.update(value=previews, visible=bool(previews)),
+                gr.update(samples=triggers or [[""]], visible=bool(triggers))]
 
     @staticmethod
     def insert_trigger(sample, prompt):
@@ -216,7 +218,7 @@ def build_app(engine: Engine, output_dir: Path, data_root: Path | None = None):
                     ui |= _library(studio, ui["prompt"])
             ui |= _tools(studio)
         with gr.Tab("Train", elem_id="tab-train"):
-            train_tab(trainer, friendly, studio.add_lora, [ui["selected"], ui["cards"]])
+            train_tab(trainer, friendly, studio.add_lora, [ui[k] for k in LIBRARY])
 
         def take(*keys):
             return [ui[k] for k in keys]
@@ -258,28 +260,21 @@ def _form(studio: Studio) -> dict:
     return ui
 
 
+LIBRARY = ("selected", "cards", "previews", "triggers")  # what lists the LoRAs, updated when a run finishes
+
+
 def _library(studio: Studio, prompt) -> dict:
     """The right column: LoRA cards, previews, trigger words, the tick boxes and one weight row per ticked LoRA."""
-    entries = studio.engine.library.entries.values()
     gr.Markdown("### LoRAs")
     cards = gr.Dataframe(value=_cards(studio.engine), headers=["name", "family", "rank", "trigger words", "weight",
                                                                "kind", "status", "report"], interactive=False,
                          wrap=True, elem_id="cards")
-    previews = [(e.preview, e.name) for e in entries if e.preview]
-    if previews:
-        from PIL import Image
-
-        def rgb(path):
-            with Image.open(path) as img:
-                return img.convert("RGB")
-
-        gr.Gallery(value=[(rgb(p), n) for p, n in previews], label="Previews", elem_id="previews", columns=3,
-                   height="auto")
-    triggers = [[w] for e in entries if e.compatible for w in e.triggers]
-    if triggers:
-        trig = gr.Dataset(components=[gr.Textbox(visible=False)], samples=triggers,
-                          label="Trigger words (click to insert)", elem_id="triggers")
-        trig.click(studio.insert_trigger, [trig, prompt], prompt)
+    previews, triggers = _previews(studio.engine), _triggers(studio.engine)
+    gallery = gr.Gallery(value=previews, label="Previews", elem_id="previews", columns=3, height="auto",
+                         visible=bool(previews))  # (present even when empty: a run of the Train tab may fill it)
+    trig = gr.Dataset(components=[gr.Textbox(visible=False)], samples=triggers or [[""]],
+                      label="Trigger words (click to insert)", elem_id="triggers", visible=bool(triggers))
+    trig.click(studio.insert_trigger, [trig, prompt], prompt)
     selected = gr.CheckboxGroup(studio.usable, label="Use", elem_id="selected")
     slot_components, slot_outputs = [], []
     for i in range(MAX_SLOTS):
@@ -296,7 +291,23 @@ def _library(studio: Studio, prompt) -> dict:
     saved = gr.Textbox(label="Saved", interactive=False, elem_id="saved")
     save.click(studio.save_blend, [save_name, selected, *slot_components], [selected, saved], concurrency_limit=1,
                concurrency_id="gpu")
-    return {"selected": selected, "slot_components": slot_components, "slot_outputs": slot_outputs, "cards": cards}
+    return {"selected": selected, "slot_components": slot_components, "slot_outputs": slot_outputs, "cards": cards,
+            "previews": gallery, "triggers": trig}
+
+
+def _previews(engine: Engine) -> list:
+    """(image, name) for each LoRA with a `NAME.preview.png` beside it, as RGB (previews may carry alpha)."""
+    from PIL import Image
+
+    def rgb(path):
+        with Image.open(path) as img:
+            return img.convert("RGB")
+
+    return [(rgb(e.preview), e.name) for e in engine.library.entries.values() if e.preview]
+
+
+def _triggers(engine: Engine) -> list[list[str]]:
+    return [[w] for e in engine.library.entries.values() if e.compatible for w in e.triggers]
 
 
 def _tools(studio: Studio) -> dict:

@@ -52,7 +52,7 @@ def train_tab(trainer: Trainer, friendly, on_finished, loras) -> None:
     samples = gr.Gallery(label="Samples", columns=4, height="auto", elem_id="train-samples")
     warnings = gr.Textbox(label="Warnings", lines=2, interactive=False, elem_id="train-warnings")
     with gr.Accordion("History", open=False) as past_runs:
-        history = gr.Dataframe(headers=["run", "status", "steps", "final loss", "adapter"], interactive=False,
+        history = gr.Dataframe(headers=["run", "status", "steps", "final loss", "time", "adapter"], interactive=False,
                                elem_id="train-history")
         reopen = gr.Dropdown([], label="Open a past run's settings", elem_id="train-reopen")
     library = gr.State(None)
@@ -113,8 +113,8 @@ def train_tab(trainer: Trainer, friendly, on_finished, loras) -> None:
         return text, frame, [str(s) for s in p.samples], "\n".join(p.warnings), seen, *added
 
     def past():
-        rows = [[r["name"], r["status"], r["steps"], r["final_loss"], r["adapter"].name if r["adapter"] else ""]
-                for r in trainer.jobs.history()]
+        rows = [[r["name"], r["status"], r["steps"], r["final_loss"], _duration(r["seconds"]),
+                 r["adapter"].name if r["adapter"] else ""] for r in trainer.jobs.history()]
         return rows, gr.update(choices=[r[0] for r in rows])
 
     def opened(name):
@@ -149,6 +149,12 @@ def train_tab(trainer: Trainer, friendly, on_finished, loras) -> None:
     timer.tick(friendly(tick), [run_name, library], [status, loss, samples, warnings, library, *loras])
     past_runs.expand(past, None, [history, reopen])  # (read when opened: it scans every run folder)
     reopen.change(friendly(opened), reopen, [folder, *values])
+
+
+def _duration(seconds: float) -> str:
+    minutes, sec = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {sec:02d} s" if minutes else f"{sec} s"
 
 
 def _grid(columns: int = 6) -> tuple[list, list]:
