@@ -173,6 +173,8 @@ class TrainConfig:
     seed: int = opt(42, "Seed for everything random; runs with the same seed are identical on the CPU.")
     min_snr_gamma: float = opt(0.0, "Min-SNR loss weighting gamma (0: off; 5 is the paper's value).")
     noise_offset: float = opt(0.0, "Noise offset (0: off; 0.05-0.1 helps very dark or bright images).")
+    min_timestep: int = opt(0, "Train only timesteps from this one up (kohya's --min_timestep).")
+    max_timestep: int | None = opt(None, "Train only timesteps below this one (kohya's --max_timestep; default: all of the base's scheduler, 1000). Low values weight fine detail, high values composition.")
     prior_loss_weight: float = opt(1.0, "Weight of the regularisation images' loss against the training images' (with --reg-data).")
     cache_latents: bool = opt(True, "Cache VAE latents when augmentations allow.")
     cache_text: bool = opt(True, "Cache text embeddings when the text encoders are frozen and captions fixed.")
@@ -197,12 +199,14 @@ class TrainConfig:
             _positive(name, getattr(self, name))
         for name in ("steps", "save_every", "sample_every", "warmup_steps", "num_workers", "weight_decay",
                      "max_grad_norm", "min_snr_gamma", "noise_offset", "prior_loss_weight", "embedding_lr",
-                     "embedding_steps"):
+                     "embedding_steps", "min_timestep"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.steps == 0:
             _positive("epochs", self.epochs)
         _positive("sample_steps", self.sample_steps)
+        if self.max_timestep is not None and not self.min_timestep < self.max_timestep:
+            raise ConfigError(f"max_timestep ({self.max_timestep}) must be above min_timestep ({self.min_timestep})")
         if self.lr <= 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from . import embeddings
 from .config import TrainConfig
 from .data.dataset import seeded
+from .errors import ConfigError
 from .models import Base
 
 
@@ -80,6 +81,10 @@ def batch_loss(batch, base: Base, unet, text_encoders, noise_scheduler, cfg: Tra
 
 
 def noise_and_timesteps(latents: torch.Tensor, slots: list[int], cfg: TrainConfig, num_timesteps: int):
+    low, high = cfg.min_timestep, num_timesteps if cfg.max_timestep is None else cfg.max_timestep
+    if not low < high <= num_timesteps:
+        raise ConfigError(f"timesteps {low} to {high}: the base's scheduler has {num_timesteps}; keep min_timestep "
+                          f"below max_timestep and max_timestep at most {num_timesteps}")
     noises, steps = [], []
     for s in slots:
         g = torch.Generator().manual_seed(seeded(cfg.seed, "noise", s))
@@ -88,5 +93,5 @@ def noise_and_timesteps(latents: torch.Tensor, slots: list[int], cfg: TrainConfi
             # Offset noise (Guttenberg 2023): a per-channel constant lets the model shift overall brightness.
             n = n + cfg.noise_offset * torch.randn((latents.shape[1], 1, 1), generator=g)
         noises.append(n)
-        steps.append(torch.randint(0, num_timesteps, (1,), generator=g))
+        steps.append(torch.randint(low, high, (1,), generator=g))
     return (torch.stack(noises).to(latents.device, latents.dtype), torch.cat(steps).to(latents.device))

@@ -79,6 +79,8 @@ def test_unknown_key_and_missing_file():
     ({"noise_offset": -1}, "noise_offset must be >= 0"),
     ({"weight_decay": -3}, "weight_decay must be >= 0"),
     ({"max_grad_norm": -1}, "max_grad_norm must be >= 0"),
+    ({"min_timestep": -1}, "min_timestep must be >= 0"),
+    ({"min_timestep": 500, "max_timestep": 500}, "max_timestep \\(500\\) must be above min_timestep \\(500\\)"),
 ])
 def test_invalid_values_are_rejected_at_construction(values, message):
     with pytest.raises(ConfigError, match=message):

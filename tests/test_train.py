@@ -396,6 +396,23 @@ def test_noise_offset_adds_one_constant_per_channel():
     assert 0.005 < per_channel.abs().mean() < 0.3 and len(set(per_channel.flatten().tolist())) == 8
 
 
+def test_timesteps_keep_to_the_range_asked_for():
+    """kohya's --min_timestep / --max_timestep: the sampled timesteps stay in [min, max), and the same seed
+    gives the same noise whatever the range."""
+    from sdlora.loss import noise_and_timesteps
+
+    latents, slots = torch.zeros(64, 4, 2, 2), list(range(64))
+    noise, every = noise_and_timesteps(latents, slots, TrainConfig(), 1000)
+    low_noise, low = noise_and_timesteps(latents, slots, TrainConfig(max_timestep=200), 1000)
+    _, high = noise_and_timesteps(latents, slots, TrainConfig(min_timestep=900), 1000)
+    assert low.max() < 200 and high.min() >= 900 and every.max() >= 200 and every.min() < 900
+    assert torch.equal(noise, low_noise)
+    with pytest.raises(ConfigError, match="max_timestep at most 1000"):
+        noise_and_timesteps(latents, slots, TrainConfig(max_timestep=2000), 1000)
+    with pytest.raises(ConfigError, match="keep min_timestep below max_timestep"):
+        noise_and_timesteps(latents, slots, TrainConfig(min_timestep=1000), 1000)
+
+
 def test_a_shared_caption_tag_is_recorded_as_the_trigger(tmp_path):
     """The demo's captions all begin with `rimstyle`: with no --trigger, that is what metadata, the A1111 sidecar,
     inspect and the studio's cards must show."""
