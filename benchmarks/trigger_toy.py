@@ -18,6 +18,7 @@ import argparse
 import json
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -58,7 +59,7 @@ def main() -> None:
     cfg = DemoConfig()
     report: dict = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} CPU, "
                     f"{torch.get_num_threads()} threads, torch {torch.__version__}",
-                    "command": "python benchmarks/trigger_toy.py", "style": cfg.style, "runs": {}}
+                    "command": " ".join(["python benchmarks/trigger_toy.py", *sys.argv[1:]]), "style": cfg.style, "runs": {}}
     word = STYLES[cfg.style]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
