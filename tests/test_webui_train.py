@@ -113,7 +113,7 @@ def test_a_second_start_queues_and_stopping_the_server_saves_the_running_run(tmp
 
 @pytest.mark.browser
 def test_train_from_the_browser_stop_resume_and_generate_with_the_result(studio):
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     caption_file = studio["data"] / "rim" / "10_rimstyle" / "00_green_triangle.txt"
     with sync_playwright() as p:
@@ -132,8 +132,11 @@ def test_train_from_the_browser_stop_resume_and_generate_with_the_result(studio)
         inode = caption_file.stat().st_ino
         others = {p: p.read_bytes() for p in caption_file.parent.glob("*.txt") if p != caption_file}
         box.fill("rimstyle, a green triangle, edited in the browser")
+        expect(box).to_have_value("rimstyle, a green triangle, edited in the browser")
         page.locator("#train-save-captions").click()
-        page.wait_for_function("document.querySelector('#train-data-msg textarea').value.includes('saved 1')")
+        message = page.locator("#train-data-msg textarea")
+        expect(message).not_to_have_value("", timeout=60_000)
+        assert message.input_value().startswith("saved 1 caption(s): 00_green_triangle.txt"), message.input_value()
         assert caption_file.read_text(encoding="utf-8") == "rimstyle, a green triangle, edited in the browser\n"
         assert caption_file.stat().st_ino != inode
         assert all(p.read_bytes() == before for p, before in others.items())
