@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from .errors import ConfigError
 
-# name -> (diffusers class name, extra config)
+# name -> (diffusers class name, extra config). DDIM's own default clips the predicted sample to [-1, 1], right
+# for pixels and wrong for latents; SD's shipped configs turn it off, configs without the key (the toy and tiny
+# bases, some converted checkpoints) would leave it on and draw mush.
 SCHEDULERS = {
     "Euler a": ("EulerAncestralDiscreteScheduler", {}),
     "Euler": ("EulerDiscreteScheduler", {}),
@@ -13,7 +15,7 @@ SCHEDULERS = {
     "DPM++ 2M Karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
                                                         "use_karras_sigmas": True}),
     "DPM2": ("KDPM2DiscreteScheduler", {}),
-    "DDIM": ("DDIMScheduler", {}),
+    "DDIM": ("DDIMScheduler", {"clip_sample": False}),
     "UniPC": ("UniPCMultistepScheduler", {}),
 }
 

@@ -142,6 +142,22 @@ def test_prediction_type_override_reaches_every_scheduler():
     assert load_base("tiny-sd").scheduler.config.prediction_type == "epsilon"
 
 
+def test_ddim_never_clips_latents():
+    """DDIM built from a config without `clip_sample` (the toy base's) used to clip latents to [-1, 1] and draw
+    mush; it must draw what it is asked, as Euler does."""
+    from sdlora.engine import Engine, Params
+    from sdlora.schedulers import make_scheduler
+    from sdlora.toy.analyse import analyse
+
+    engine = Engine("toy")
+    assert make_scheduler("DDIM", engine.base.scheduler.config).config.clip_sample is False
+    prompts = ["a red circle on a white background", "a blue square on a gray background"]
+    for name in ("Euler", "DDIM"):
+        images = engine.render(prompts, [0, 1], Params(prompt="", steps=25, cfg_scale=5.0, width=32, height=32,
+                                                       scheduler=name), [], "fast")
+        assert [(r.colour, r.shape) for r in map(analyse, images)] == [("red", "circle"), ("blue", "square")], name
+
+
 @pytest.mark.parametrize("tensors, expected", [
     ({"v_pred": torch.zeros(1)}, "v_prediction"),
     ({"probe": torch.randn(320, generator=torch.Generator().manual_seed(0)) * 0.3}, "v_prediction"),
