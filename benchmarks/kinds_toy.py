@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from options import parse_sets
+from options import add_sampler, parse_sets
 
 from sdlora.config import DemoConfig
 from sdlora.demo import measure, train_style
@@ -52,15 +52,17 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
                     help="Any train option by name on top of every run, e.g. lr=2e-3 (repeatable).")
     ap.add_argument("--steps", type=int, help="Steps (default: the demo's).")
+    add_sampler(ap)
     args = ap.parse_args()
     extra = parse_sets(args.set)
-    cfg = DemoConfig()
+    cfg = DemoConfig(sampler=args.sampler)
     if args.steps:
         cfg = replace(cfg, steps=args.steps)
     report: dict = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} CPU, "
                     f"{torch.get_num_threads()} threads, torch {torch.__version__}",
                     "command": "python benchmarks/kinds_toy.py", "demo": {"steps": cfg.steps, "lr": cfg.lr,
-                                                                         "batch_size": cfg.batch_size},
+                                                                         "batch_size": cfg.batch_size,
+                                                                         "sampler": cfg.sampler},
                     "extra_options": extra, "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for style in args.style or list(STYLES):

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from options import add_sampler
 from PIL import Image, ImageDraw
 
 from sdlora.config import DemoConfig
@@ -52,11 +53,13 @@ def plot(curves: dict[str, list[float]], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "qlora_toy.json")
+    add_sampler(ap)
     args = ap.parse_args()
-    cfg = DemoConfig()
+    cfg = DemoConfig(sampler=args.sampler)
     report: dict = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} CPU, "
                     f"{torch.get_num_threads()} threads, torch {torch.__version__}",
-                    "command": "python benchmarks/qlora_toy.py", "style": cfg.style, "runs": {}}
+                    "command": "python benchmarks/qlora_toy.py", "style": cfg.style, "sampler": cfg.sampler,
+                    "runs": {}}
     curves = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, kind in (("full precision", ""), ("int8", "int8"), ("nf4", "nf4")):

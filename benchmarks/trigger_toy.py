@@ -25,7 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from options import parse_sets
+from options import add_sampler, parse_sets
 
 from sdlora.config import DemoConfig
 from sdlora.demo import EXAMPLES, measure, train_style
@@ -54,12 +54,14 @@ def main() -> None:
     ap.add_argument("--vectors", type=int, default=1, help="Vectors of the new token (--train-embedding <rim>:N).")
     ap.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
                     help="Any train option by name, e.g. prior_loss_weight=0.1 (repeatable).")
+    add_sampler(ap)
     args = ap.parse_args()
     options = parse_sets(args.set)
-    cfg = DemoConfig()
+    cfg = DemoConfig(sampler=args.sampler)
     report: dict = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} CPU, "
                     f"{torch.get_num_threads()} threads, torch {torch.__version__}",
-                    "command": " ".join(["python benchmarks/trigger_toy.py", *sys.argv[1:]]), "style": cfg.style, "runs": {}}
+                    "command": " ".join(["python benchmarks/trigger_toy.py", *sys.argv[1:]]), "style": cfg.style, "sampler": cfg.sampler,
+                    "runs": {}}
     word = STYLES[cfg.style]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

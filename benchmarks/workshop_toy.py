@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from options import add_sampler
 
 from sdlora.config import DemoConfig
 from sdlora.demo import measure, train_style
@@ -37,8 +38,9 @@ def scores(path: Path, cfg: DemoConfig) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "workshop_toy.json")
+    add_sampler(ap)
     args = ap.parse_args()
-    cfg = DemoConfig()
+    cfg = DemoConfig(sampler=args.sampler)
     report: dict = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} CPU, "
                     f"{torch.get_num_threads()} threads, torch {torch.__version__}",
                     "command": "python benchmarks/workshop_toy.py", "settings": dataclasses.asdict(cfg)}

@@ -60,7 +60,8 @@ def measure(engine: Engine, blend_at, styles: list[str], cfg: DemoConfig, weight
     cases = [(colour, shape, bg, k) for colour, shape, bg in _prompts() for k in range(cfg.seeds)]
     prompts = [f"{trigger + ', ' if trigger else ''}a {colour} {shape} on a {bg} background"
                for colour, shape, bg, _ in cases]
-    params = Params(prompt="", steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale, width=32, height=32, scheduler="Euler")
+    params = Params(prompt="", steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale, width=32, height=32,
+                    scheduler=cfg.sampler)
     for w in weights:
         readings = []
         drawn = engine.render(prompts, [cfg.seed + k for *_, k in cases], params, blend_at(w), "fast")

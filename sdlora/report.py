@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .config import Params, TrainConfig, build_config, load_toml
+from .config import DemoConfig, Params, TrainConfig, build_config, load_toml
 from .errors import ConfigError
 
 log = logging.getLogger("sdlora")
@@ -133,9 +133,10 @@ def make_report(run_dir: Path, name: str | None = None, *, weights=WEIGHTS, writ
     held = _held_out(cfg)
     engine = Engine(cfg.base, lora_files=[p for _, p in ckpts], base_config=cfg.base_config or None)
     size = cfg.data.resolution or engine.native_size
-    params = Params(prompt="", steps=cfg.sample_steps, cfg_scale=7.0 if cfg.base != "toy" else 5.0, width=size,
-                    height=size, scheduler="Euler", seed=cfg.seed)
     toy = cfg.base == "toy"
+    # On the toy base, sample as the demo measures (its guidance and sampler), so the scores agree with it.
+    params = Params(prompt="", steps=cfg.sample_steps, cfg_scale=DemoConfig.cfg_scale if toy else 7.0, width=size,
+                    height=size, scheduler=DemoConfig.sampler if toy else "Euler", seed=cfg.seed)
     cells = []
     for step, path in ckpts:
         for w in weights:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sdlora.config import AdapterConfig, DataConfig, Params, TrainConfig
+from sdlora.config import AdapterConfig, DataConfig, DemoConfig, Params, TrainConfig
 from sdlora.demo import EXAMPLES
 from sdlora.report import WEIGHTS, _score_and_pick, make_report
 from sdlora.safefiles import read_metadata
@@ -36,7 +36,9 @@ def test_the_pick_equals_a_brute_force_check_of_the_same_scores(toy_run):
     assert [c["file"] for c in report["checkpoints"]] == files and report["prompts"] == PROMPTS
     assert "validation loss on held-out images" in report["scores"] and len(report["validation_images"]) == 2
     engine = Engine("toy", lora_files=[toy_run / f for f in files])
-    params = Params(prompt="", steps=10, cfg_scale=5.0, width=32, height=32, scheduler="Euler", seed=42)
+    # The toy base is scored as the demo scores it: its guidance and sampler.
+    params = Params(prompt="", steps=10, cfg_scale=DemoConfig.cfg_scale, width=32, height=32,
+                    scheduler=DemoConfig.sampler, seed=42)
     scores = {}
     for f in files:
         for w in WEIGHTS:
