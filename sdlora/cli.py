@@ -259,8 +259,8 @@ def cmd_demo(ns: argparse.Namespace) -> int:
 
     from .demo import run_demo
 
-    cfg = DemoConfig(**{k: v for k, v in (("style", ns.style), ("steps", ns.steps), ("sampler", ns.sampler))
-                        if v is not None})
+    cfg = DemoConfig(**{k: v for k, v in (("style", ns.style), ("steps", ns.steps), ("blend_steps", ns.steps),
+                                          ("sampler", ns.sampler)) if v is not None})
     metrics = run_demo(Path(ns.out), cfg, blend=ns.blend)
     print(json.dumps({k: v for k, v in metrics.items() if k != "blend"}))
     if "blend" in metrics:
@@ -442,10 +442,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(studio.output_dir / "demo"),
                    help=f"Output folder (default: {studio.output_dir / 'demo'}).")
     p.add_argument("--style", choices=list(STYLES), help=f"Which example style (default: {demo.style}).")
-    p.add_argument("--steps", type=int, help=f"Training steps (default: {demo.steps}, tuned by measurement).")
+    p.add_argument("--steps", type=int, help=f"Training steps (default: {demo.steps}, {demo.blend_steps} with --blend; tuned by measurement).")
     p.add_argument("--sampler", choices=list(SCHEDULERS), metavar="NAME",
                    help=f"Sampler of the measured images (default: {demo.sampler}).")
-    p.add_argument("--blend", action="store_true", help="Also train the other style and measure a 0.5 + 0.5 blend.")
+    p.add_argument("--blend", action="store_true", help="Train both styles for blending (each step at a weight from "
+                   f"{demo.blend_weight_min:g} to 1: --train-weight-min) and also measure a 0.5 + 0.5 blend.")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -166,6 +166,8 @@ class TrainConfig:
     lr_scheduler: str = opt("constant", "Learning-rate schedule.", choices=LR_SCHEDULERS)
     warmup_steps: int = opt(0, "Linear warmup steps.")
     ema_decay: float | None = opt(None, "Keep an exponential moving average of the trainable weights (fp32) with this decay, e.g. 0.999, and save it as the adapter (the raw weights stay in the resumable state). diffusers' EMAModel: it warms up as (1 + step) / (10 + step) until it reaches the decay. Off when not given.")
+    train_weight: float = opt(1.0, "The weight the adapter trains at (kohya's --network_multiplier): its update is scaled by this while it learns, so applying it at this weight gives what it learned. Written as the file's preferred weight.")
+    train_weight_min: float | None = opt(None, "Train each step at a weight drawn evenly between this and --train-weight, so the style holds across that range (for blends, where each adapter goes in below full weight); weights within the range then change the strength less. Off when not given.")
     nan_policy: str = opt("stop", "When a step's loss or gradients are not finite: stop the run there (keeping the last good checkpoint), or skip the step.", choices=("stop", "skip"))
     max_grad_norm: float = opt(1.0, "Gradient clipping norm (0: off).")
     mixed_precision: str = opt("no", "Mixed precision on CUDA (fp32 is used on the CPU).", choices=MIXED_PRECISION)
@@ -211,6 +213,13 @@ class TrainConfig:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay must be in [0, 1) (0.999 is usual), got {self.ema_decay}")
+        if not 0 < self.train_weight <= 4:
+            raise ConfigError(f"train_weight must be above 0 and at most 4, got {self.train_weight}")
+        if self.train_weight_min is not None and not 0 < self.train_weight_min < self.train_weight:
+            raise ConfigError(f"train_weight_min must be above 0 and below train_weight ({self.train_weight}), got "
+                              f"{self.train_weight_min}")
+        if self.adapter.embedding_only and (self.train_weight != 1 or self.train_weight_min is not None):
+            raise ConfigError("--train-weight and --train-weight-min scale an adapter; --embedding-only trains none")
         if self.text_encoder_lr is not None and self.text_encoder_lr < 0:
             raise ConfigError(f"text_encoder_lr must be >= 0, got {self.text_encoder_lr}")
         if self.adapter.kind in ("loha", "lokr") and self.format == "diffusers":
@@ -295,6 +304,11 @@ class DemoConfig:
     # some starting noises and averages away in others (stripes at weight 1: 0.94 with Euler a, 0.64 with Euler).
     sampler: str = "Euler a"
     seed: int = 0
+    # `--blend` trains both styles for blending: each step at a weight drawn from [blend_weight_min, 1]
+    # (--train-weight-min), longer. Trained at weight 1 only, the stripes show from about 0.7 up, so a 0.5 + 0.5
+    # blend came out rim-only (stripes 0.11); trained for the range, 0.68 / 0.63.
+    blend_weight_min: float = 0.4
+    blend_steps: int = 300
 
 
 def _positive(name: str, value) -> None:

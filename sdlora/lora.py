@@ -85,6 +85,18 @@ def inject(model: torch.nn.Module, cfg: AdapterConfig, component: str, exclude: 
     return targets
 
 
+def set_weight(models, weight: float) -> None:
+    """Scale the adapter in every layer of `models` to `weight` x alpha/rank, as applying it at that weight does
+    (peft's `set_scale`, absolute, not compounding)."""
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lycoris_utils import LycorisLayer
+
+    for model in filter(None, models):  # (a text encoder released after caching is None)
+        for m in model.modules():
+            if isinstance(m, (LoraLayer, LycorisLayer)):
+                m.set_scale(ADAPTER, weight)
+
+
 PARAMETER_MARKS = ("lora_", "hada_", "lokr_")  # peft's parameter names: LoRA and DoRA, LoHa, LoKr
 
 

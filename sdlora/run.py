@@ -172,6 +172,10 @@ def _adapter_blob(run: Run) -> bytes:
                  "ss_prior_loss_weight": str(cfg.prior_loss_weight)}
     if run.ema is not None:
         meta["sdlora_ema_decay"] = str(cfg.ema_decay)
+    if cfg.train_weight != 1 or cfg.train_weight_min is not None:  # applied at this weight, it gives what it learned
+        meta |= {"sdlora_train_weight": f"{cfg.train_weight:g}", "sdlora_preferred_weight": f"{cfg.train_weight:g}"}
+        if cfg.train_weight_min is not None:
+            meta["sdlora_train_weight_min"] = f"{cfg.train_weight_min:g}"
     if cfg.adapter.embedding_only:  # a textual inversion: A1111's and ComfyUI's embedding files
         (token, vectors), = run.pivot.vectors().items()
         return safetensors_bytes(textual_inversion_tensors(vectors, base.family),
@@ -229,6 +233,7 @@ def write_samples(run: Run) -> list[Path]:
     for m in encoders:
         m.to(run.accelerator.device)
     pipe = base.pipeline()
+    lora.set_weight([base.unet, *base.text_encoders], cfg.train_weight)  # (a step of a weight range may have moved it)
     was_training = base.unet.training
     base.unet.eval()
     paths = []
@@ -268,7 +273,7 @@ def write_sidecars(run: Run) -> None:
     """A1111's `NAME.json` (activation text, preferred weight, sd version) and `NAME.preview.png`."""
     adapter, cfg = run.final_path, run.cfg
     info = {"description": f"Trained with sdlora on {Path(cfg.base).name}", "sd version": run.base.family.upper(),
-            "activation text": run.trigger, "preferred weight": 1.0, "negative text": "", "notes": ""}
+            "activation text": run.trigger, "preferred weight": cfg.train_weight, "negative text": "", "notes": ""}
     atomic_write_bytes(adapter.with_suffix(".json"), json.dumps(info, indent=2).encode())
     if run.samples:
         atomic_write_bytes(adapter.with_name(adapter.stem + ".preview.png"), run.samples[-1].read_bytes())

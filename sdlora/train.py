@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import re
 import time
 from dataclasses import dataclass
@@ -116,6 +117,8 @@ def train(cfg: TrainConfig, *, progress: bool = False) -> TrainResult:
                                                  num_workers=cfg.num_workers)
             for slots, batch in zip(batches, loader, strict=True):
                 torch.manual_seed(seeded(cfg.seed, "step", micro, accelerator.process_index))  # LoRA dropout
+                if cfg.train_weight_min is not None:
+                    lora.set_weight([base.unet, *base.text_encoders], step_weight(cfg, run.step))
                 with accelerator.accumulate(*models):
                     loss = batch_loss(batch, base, unet, text_encoders, noise_scheduler, cfg, accelerator.device,
                                        weight_dtype, run.text_cache, run.trains_text)
@@ -260,11 +263,22 @@ def _load_and_inject(run: Run) -> tuple[int, list[torch.nn.Parameter]]:
         for p in run.pivot.parameters():
             p.requires_grad_(True)
         params += run.pivot.parameters()
+    if cfg.train_weight != 1:
+        lora.set_weight([base.unet, *base.text_encoders], cfg.train_weight)
     if cfg.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
         for i in run.text_models:
             _checkpoint_text_encoder(base.text_encoders[i])
     return base_params, params
+
+
+def step_weight(cfg: TrainConfig, step: int) -> float:
+    """The adapter's weight at optimizer step `step`: --train-weight, or with --train-weight-min drawn evenly from
+    the range, seeded by the step (so a resumed run draws the same weights)."""
+    if cfg.train_weight_min is None:
+        return cfg.train_weight
+    u = random.Random(seeded(cfg.seed, "weight", step)).random()
+    return cfg.train_weight_min + (cfg.train_weight - cfg.train_weight_min) * u
 
 
 def _dataset_and_caches(run: Run):
@@ -430,7 +444,8 @@ def _resume_path(cfg: TrainConfig, out: Path, name: str) -> Path | None:
 
 RESUME_KEYS = ("base", "data", "reg_data", "prior_loss_weight", "seed", "batch_size", "grad_accum", "rank", "alpha",
                "kind", "factor", "decompose_both", "preset", "train_text_encoder", "train_embedding", "embedding_only",
-               "resolution", "lr", "lr_scheduler", "warmup_steps", "optimizer", "ema_decay")
+               "resolution", "lr", "lr_scheduler", "warmup_steps", "optimizer", "ema_decay",
+               "train_weight", "train_weight_min")
 
 
 def _resume(run: Run, path: Path, total_steps: int) -> None:

@@ -492,3 +492,59 @@ def test_the_progress_bar_shows_the_effective_learning_rate(tmp_path, dataset, c
     printed = "".join(capfd.readouterr())
     assert "lr=1.00e-04, effective lr=2.50e-05" in printed  # 1e-4 x alpha 4 / rank 16
     assert "learning rate 0.0001 x alpha 4 / rank 16 = 2.5e-05 effective" in printed
+
+
+def test_train_weight_scales_the_update_while_it_learns_and_a_weight_range_resumes_bit_identically(
+        tmp_path, dataset, monkeypatch):
+    import json
+
+    import sdlora.train as train_module
+    from sdlora.engine import Engine
+
+    seen = []  # the weight the UNet's adapter had at each forward pass of the loss
+    real_loss = train_module.batch_loss
+
+    def spying_loss(batch, base, unet, *args, **kw):
+        layer = next(m for m in base.unet.modules() if isinstance(getattr(m, "scaling", None), dict) and m.scaling)
+        seen.append(layer.scaling[lora.ADAPTER] / (layer.lora_alpha[lora.ADAPTER] / layer.r[lora.ADAPTER]))
+        return real_loss(batch, base, unet, *args, **kw)
+
+    monkeypatch.setattr(train_module, "batch_loss", spying_loss)
+
+    def cfg(out, **kw):
+        return TrainConfig(**{"base": "tiny-sd", "output_dir": out, "name": "w", "steps": 6, "save_every": 3,
+                              "lr": 5e-3, "batch_size": 2, "save_precision": "fp32", **kw},
+                           data=DataConfig(data=dataset, resolution=64), adapter=AdapterConfig(rank=4, alpha=2))
+
+    half = train(cfg(tmp_path / "half", train_weight=0.5))
+    assert seen == pytest.approx([0.5] * 6)
+    _, meta = read(half.adapter)
+    assert meta["sdlora_train_weight"] == "0.5" and meta["sdlora_preferred_weight"] == "0.5"
+    assert "sdlora_train_weight_min" not in meta
+    assert json.loads(half.adapter.with_suffix(".json").read_text())["preferred weight"] == 0.5
+    # the studio puts it in at the weight it learned at
+    assert Engine("tiny-sd", lora_files=[half.adapter]).library.entries["w"].preferred_weight == 0.5
+
+    seen.clear()
+    full = train(cfg(tmp_path / "range", train_weight_min=0.25))
+    drawn = list(seen)
+    assert len(drawn) == 6 and all(0.25 <= w <= 1.0 for w in drawn) and len(set(drawn)) == 6
+    adapter, meta = read(full.adapter)
+    assert (meta["sdlora_train_weight"], meta["sdlora_train_weight_min"]) == ("1", "0.25")
+    seen.clear()
+    state = tmp_path / "range" / "state" / "w-step000003.state.safetensors"
+    again, _ = read(train(cfg(tmp_path / "range", train_weight_min=0.25, resume=str(state), overwrite=True)).adapter)
+    assert seen == drawn[3:]  # the resumed steps draw the weights the uninterrupted run drew
+    assert all(torch.equal(adapter[k], again[k]) for k in adapter)
+    with pytest.raises(ConfigError, match="train_weight_min was 0.25 and is now 0.5"):
+        train(cfg(tmp_path / "range", train_weight_min=0.5, resume=str(state), overwrite=True))
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"train_weight": 0.0}, "train_weight must be above 0"),
+    ({"train_weight_min": 1.0}, r"train_weight_min must be above 0 and below train_weight \(1.0\), got 1.0"),
+    ({"train_weight": 0.5, "train_weight_min": 0.8}, "below train_weight"),
+])
+def test_train_weight_refusals(options, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**options)
