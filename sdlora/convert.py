@@ -19,7 +19,9 @@ from .safefiles import atomic_write_bytes
 TRAINING_KEYS = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args", "ss_resolution",
                  "ss_num_train_images", "ss_steps", "ss_epoch", "ss_learning_rate", "ss_unet_lr", "ss_text_encoder_lr",
                  "ss_optimizer", "ss_lr_scheduler", "ss_min_snr_gamma", "ss_noise_offset", "ss_seed",
-                 "ss_sd_model_name", "ss_training_started_at", "ss_training_finished_at", "ss_output_name")
+                 "ss_sd_model_name", "ss_training_started_at", "ss_training_finished_at", "ss_output_name",
+                 "sdlora_train_weight", "sdlora_train_weight_min", "sdlora_preferred_weight", "sdlora_ema_decay",
+                 "sdlora_quantized_base")
 
 
 def reference(lf: LoraFile, base: str | None):

@@ -521,6 +521,9 @@ def test_train_weight_scales_the_update_while_it_learns_and_a_weight_range_resum
     _, meta = read(half.adapter)
     assert meta["sdlora_train_weight"] == "0.5" and meta["sdlora_preferred_weight"] == "0.5"
     assert "sdlora_train_weight_min" not in meta
+    from sdlora.convert import format_info, info
+
+    assert "sdlora_train_weight: 0.5" in format_info(info(half.adapter))  # `sdlora inspect` says so
     assert json.loads(half.adapter.with_suffix(".json").read_text())["preferred weight"] == 0.5
     # the studio puts it in at the weight it learned at
     assert Engine("tiny-sd", lora_files=[half.adapter]).library.entries["w"].preferred_weight == 0.5
