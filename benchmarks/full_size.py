@@ -13,6 +13,8 @@ cached (sdlora's defaults), with and without gradient checkpointing. Per row:
 - the largest batch (1, 2, 4, ... 16) that trains within 24, 12 and 8 GiB with gradient checkpointing, the budget
   simulated with `torch.cuda.set_per_process_memory_fraction`, and its samples per second (`--budgets`, and
   `--family` run alone, split the work into runs under 10 minutes);
+- with `--quantize-base nf4|int8`, the same on a quantized frozen base (issue 12's target: SDXL at 1024 px, batch 1,
+  gradient checkpointing, within 8 GiB with nf4);
 - utilisation: FLOPs of one forward and backward of the UNet with its LoRA (counted by torch's FlopCounterMode)
   per step time, over the bf16 matrix-multiply rate measured in the same run.
 """
@@ -78,13 +80,14 @@ def build_full_size(family: str, folder: Path) -> None:
 
 
 def train_once(base: str, data: Path, out: Path, steps: int, batch: int, resolution: int, checkpointing: bool,
-               cuda: bool) -> dict:
+               cuda: bool, quantize: str = "") -> dict:
     from sdlora.config import AdapterConfig, DataConfig, TrainConfig
     from sdlora.train import train
 
     cfg = TrainConfig(base=base, output_dir=out, name="bench", steps=steps, batch_size=batch, lr=1e-4, overwrite=True,
                       mixed_precision="bf16" if cuda else "no", gradient_checkpointing=checkpointing,
-                      save_precision="bf16", data=DataConfig(data=data, resolution=resolution, bucket=False),
+                      save_precision="bf16", quantize_base=quantize,
+                      data=DataConfig(data=data, resolution=resolution, bucket=False),
                       adapter=AdapterConfig(rank=16, preset="attn-mlp"))
     if cuda:
         torch.cuda.empty_cache()
@@ -100,8 +103,8 @@ def train_once(base: str, data: Path, out: Path, steps: int, batch: int, resolut
     return row
 
 
-def step_time(base, data, out, steps, batch, resolution, checkpointing, cuda) -> dict:
-    short, long = (train_once(base, data, out, n, batch, resolution, checkpointing, cuda) for n in steps)
+def step_time(base, data, out, steps, batch, resolution, checkpointing, cuda, quantize="") -> dict:
+    short, long = (train_once(base, data, out, n, batch, resolution, checkpointing, cuda, quantize) for n in steps)
     row = {"step_ms": 1000 * (long["loop_s"] - short["loop_s"]) / (steps[1] - steps[0]), **long}
     row["samples_per_s"] = batch * 1000 / row["step_ms"]
     return row
@@ -111,7 +114,7 @@ def out_of_memory(e: BaseException) -> bool:
     return "out of memory" in str(e).lower()
 
 
-def largest_batch(base, data, out, steps, resolution, budget_gib: float, limit: int) -> dict:
+def largest_batch(base, data, out, steps, resolution, budget_gib: float, limit: int, quantize: str = "") -> dict:
     """The largest power-of-two batch (up to `limit`) whose short run trains within `budget_gib`, with gradient
     checkpointing, and its step time."""
     total = torch.cuda.get_device_properties(0).total_memory
@@ -120,7 +123,7 @@ def largest_batch(base, data, out, steps, resolution, budget_gib: float, limit: 
     try:
         while batch <= limit:
             try:
-                train_once(base, data, out, steps[0], batch, resolution, True, True)
+                train_once(base, data, out, steps[0], batch, resolution, True, True, quantize)
             except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
                 if not out_of_memory(e):
                     raise
@@ -129,8 +132,8 @@ def largest_batch(base, data, out, steps, resolution, budget_gib: float, limit: 
                 gc.collect()
                 torch.cuda.empty_cache()
             fits, batch = batch, batch * 2
-        return {"batch": fits, **step_time(base, data, out, steps, fits, resolution, True, True)} if fits else {
-            "batch": 0}
+        return {"batch": fits, **step_time(base, data, out, steps, fits, resolution, True, True, quantize)} if fits \
+            else {"batch": 0}
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
 
@@ -184,12 +187,27 @@ def matmul_rate(cuda: bool) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - started)
 
 
+def targets(family: str, quantize: str, rows: dict) -> dict:
+    """Issue 11's targets at batch 1 (12's for a quantized SDXL: within 8 GiB with nf4 and checkpointing)."""
+    peak = min(r["peak_allocated_gib"] for r in rows.values())
+    if quantize:
+        return {"SDXL with nf4 within 8 GiB peak": peak <= 8} if (family, quantize) == ("sdxl", "nf4") else {}
+    target = TARGETS[family]
+    best = max([r["utilisation"] for r in rows.values()]
+               + [b.get("utilisation", 0) for r in rows.values() for b in r.get("largest_batch", {}).values()])
+    return {f"at most {target['step_ms']} ms per step": min(r["step_ms"] for r in rows.values()) <= target["step_ms"],
+            f"at most {target['peak_gib']} GiB peak": peak <= target["peak_gib"],
+            "at least 35% of the matmul rate at the best batch": best >= 0.35}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path)
     ap.add_argument("--family", nargs="+", default=["sd1", "sdxl"], choices=list(RESOLUTION))
     ap.add_argument("--short", action="store_true", help="Tiny bases on whatever device there is, few steps.")
     ap.add_argument("--max-batch", type=int, default=16, help="Largest batch tried per memory budget.")
+    ap.add_argument("--quantize-base", default="", choices=["", "int8", "nf4"],
+                    help="Train on a quantized base (QLoRA, issue 12: SDXL with nf4 within 8 GiB).")
     ap.add_argument("--budgets", type=float, nargs="*", default=list(BUDGETS_GIB),
                     help="Memory budgets in GiB for the largest-batch search (GPU only; none: skip it).")
     args = ap.parse_args(argv)
@@ -198,7 +216,8 @@ def main(argv: list[str] | None = None) -> dict:
     report: dict = {"date": time.strftime("%Y-%m-%d"), "machine": f"{machine}, torch {torch.__version__}",
                     "command": "python benchmarks/full_size.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                     "settings": {"rank": 16, "preset": "attn-mlp", "precision": "bf16" if cuda else "fp32",
-                                 "cached": "latents and text"}, "rows": {}}
+                                 "cached": "latents and text", "quantize_base": args.quantize_base or "none"},
+                    "rows": {}}
     rate = matmul_rate(cuda)
     report["matmul_tflops"] = rate / 1e12
     steps = (2, 4) if args.short else (10, 40)
@@ -214,35 +233,27 @@ def main(argv: list[str] | None = None) -> dict:
             data = tmp / f"data-{family}" / "1_bench"
             make_data(data, resolution, n=max(8, args.max_batch))  # every batch full
             flops = unet_flops(base, resolution, cuda)
-            rows = {}
+            rows, q = {}, f" {args.quantize_base}" if args.quantize_base else ""
             for checkpointing in (False, True):
-                name = f"{family}, gradient checkpointing {'on' if checkpointing else 'off'}"
+                name = f"{family}{q}, gradient checkpointing {'on' if checkpointing else 'off'}"
                 row = {"batch": 1, **step_time(base, data.parent, tmp / "out", steps, 1, resolution, checkpointing,
-                                               cuda)}
+                                               cuda, args.quantize_base)}
                 row["unet_tflop_per_sample"] = flops / 1e12
                 row["utilisation"] = flops / (row["step_ms"] / 1000) / rate
                 rows[name] = row
                 print(name, json.dumps(row), flush=True)
             if cuda and args.budgets:  # with gradient checkpointing: the lean setting a small card would use
-                search = rows[f"{family}, gradient checkpointing on"]["largest_batch"] = {}
+                search = rows[f"{family}{q}, gradient checkpointing on"]["largest_batch"] = {}
                 for budget in args.budgets:
-                    best = largest_batch(base, data.parent, tmp / "out", steps, resolution, budget, args.max_batch)
+                    best = largest_batch(base, data.parent, tmp / "out", steps, resolution, budget, args.max_batch,
+                                         args.quantize_base)
                     if best["batch"]:
                         best["utilisation"] = best["batch"] * flops / (best["step_ms"] / 1000) / rate
                     search[f"{budget:g} GiB"] = best
                     print(family, f"{budget:g} GiB", json.dumps(best), flush=True)
             report["rows"] |= rows
             if cuda and not args.short:
-                target = TARGETS[family]
-                batch1 = min(rows.values(), key=lambda r: r["step_ms"])
-                report.setdefault("targets", {})[family] = {
-                    f"at most {target['step_ms']} ms per step": batch1["step_ms"] <= target["step_ms"],
-                    f"at most {target['peak_gib']} GiB peak": min(r["peak_allocated_gib"] for r in rows.values())
-                    <= target["peak_gib"],
-                    "at least 35% of the matmul rate at the best batch": max(
-                        [r["utilisation"] for r in rows.values()] + [b.get("utilisation", 0) for r in rows.values()
-                                                                     for b in r.get("largest_batch", {}).values()])
-                    >= 0.35}
+                report.setdefault("targets", {})[family + q] = targets(family, args.quantize_base, rows)
     if args.out:
         atomic_write_bytes(args.out, json.dumps(report, indent=2).encode())
     return report

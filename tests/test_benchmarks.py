@@ -28,3 +28,9 @@ def test_the_full_size_benchmark_runs_in_its_short_mode(tmp_path, monkeypatch):
             assert row["unet_tflop_per_sample"] > 0 and 0 < row["utilisation"] < 1
     assert report["rows"]["sd1, gradient checkpointing on"]["unet_tflop_per_sample"] != \
         report["rows"]["sdxl, gradient checkpointing on"]["unet_tflop_per_sample"]
+
+    quantized = full_size.main(["--short", "--family", "sd1", "--quantize-base", "nf4"])  # QLoRA (issue 12)
+    assert quantized["settings"]["quantize_base"] == "nf4"
+    on = quantized["rows"]["sd1 nf4, gradient checkpointing on"]
+    assert on["trainable_parameters"] == report["rows"]["sd1, gradient checkpointing on"]["trainable_parameters"]
+    assert on["step_ms"] > 0 and all(map(math.isfinite, on["loss_first_last"]))
