@@ -172,6 +172,7 @@ class TrainConfig:
     max_grad_norm: float = opt(1.0, "Gradient clipping norm (0: off).")
     mixed_precision: str = opt("no", "Mixed precision on CUDA (fp32 is used on the CPU).", choices=MIXED_PRECISION)
     gradient_checkpointing: bool = opt(False, "Trade compute for memory.")
+    compile: bool = opt(False, "torch.compile the UNet (inductor): faster steps once it has compiled during the first step, which takes minutes (the log says how long); pays on long runs.")
     seed: int = opt(42, "Seed for everything random; runs with the same seed are identical on the CPU.")
     min_snr_gamma: float = opt(0.0, "Min-SNR loss weighting gamma (0: off; 5 is the paper's value).")
     noise_offset: float = opt(0.0, "Noise offset (0: off; 0.05-0.1 helps very dark or bright images).")
@@ -218,6 +219,9 @@ class TrainConfig:
         if self.train_weight_min is not None and not 0 < self.train_weight_min < self.train_weight:
             raise ConfigError(f"train_weight_min must be above 0 and below train_weight ({self.train_weight}), got "
                               f"{self.train_weight_min}")
+        if self.compile and self.train_weight_min is not None:
+            raise ConfigError("--compile and --train-weight-min do not go together: each new weight would compile the "
+                              "UNet again; drop one of the two")
         if self.adapter.embedding_only and (self.train_weight != 1 or self.train_weight_min is not None):
             raise ConfigError("--train-weight and --train-weight-min scale an adapter; --embedding-only trains none")
         if self.text_encoder_lr is not None and self.text_encoder_lr < 0:

@@ -44,6 +44,8 @@ class Run:
     skipped: int = 0  # steps passed over for a loss or gradient that was not finite (--nan-policy skip)
     interrupted: int = 0  # the signal (SIGINT, SIGTERM) that asked the run to save and stop
     started: float = field(default_factory=time.time)
+    loop_started: float = 0.0  # when the training loop began
+    first_step_seconds: float | None = None  # with --compile: the first step, compilation included
     base: Base | None = None
     trained_tes: list[int] = field(default_factory=list)  # indices of the text encoders that get LoRA
     targets: dict[str, list[str]] = field(default_factory=dict)  # component -> module paths with LoRA

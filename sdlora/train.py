@@ -104,7 +104,7 @@ def train(cfg: TrainConfig, *, progress: bool = False) -> TrainResult:
     noise_scheduler = base.noise_scheduler()
     bar = tqdm(total=total_steps, initial=run.step, disable=not (progress and run.main), unit="step", dynamic_ncols=True)
     micro = run.step * cfg.grad_accum
-    loop_started = time.time()
+    loop_started = run.loop_started = time.time()
     accum_losses: list[torch.Tensor] = []
     step_items: list[int] = []  # the images of this step's batches, to name them if it goes wrong
     for m in models:
@@ -174,6 +174,9 @@ def _end_of_step(run: Run, accum_losses: list[torch.Tensor], bar, total_steps: i
     cfg = run.cfg
     run.scheduler.step()
     run.step += 1
+    if cfg.compile and run.first_step_seconds is None:
+        run.first_step_seconds = time.time() - run.loop_started
+        log.info(f"first step, with torch.compile's compilation: {run.first_step_seconds:.1f}s")
     run.pending.append((run.step, torch.stack(accum_losses).mean(), run.scheduler.get_last_lr()[0]))
     accum_losses.clear()
     if run.main:
@@ -369,6 +372,9 @@ def _optimizer_and_prepare(run: Run, optimizer_cls, params, total_steps: int):
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(m, frozen)
     *models, run.optimizer = run.accelerator.prepare(*models, optimizer)
     unet = base.unet if cfg.adapter.embedding_only else models[0]
+    if cfg.compile and not cfg.adapter.embedding_only:  # (the wrapper only: saving and accelerate see the module)
+        unet = torch.compile(unet)
+        log.info("--compile: the UNet compiles during the first step (minutes on a CPU), then runs compiled")
     text_encoders = list(base.text_encoders)
     for i, m in zip(run.text_models, models[len(models) - len(run.text_models):], strict=True):
         text_encoders[i] = m

@@ -547,7 +547,38 @@ def test_train_weight_scales_the_update_while_it_learns_and_a_weight_range_resum
     ({"train_weight": 0.0}, "train_weight must be above 0"),
     ({"train_weight_min": 1.0}, r"train_weight_min must be above 0 and below train_weight \(1.0\), got 1.0"),
     ({"train_weight": 0.5, "train_weight_min": 0.8}, "below train_weight"),
+    ({"compile": True, "train_weight_min": 0.5}, "--compile and --train-weight-min do not go together"),
 ])
 def test_train_weight_refusals(options, message):
     with pytest.raises(ConfigError, match=message):
         TrainConfig(**options)
+
+
+def test_compile_wraps_the_unet_and_trains_the_same_adapter(tmp_path, dataset, monkeypatch, caplog):
+    import logging
+
+    compiled = []
+    real_compile = torch.compile
+
+    def eager_compile(model, **kw):  # inductor takes minutes on a CPU: what this checks is the wiring around it
+        compiled.append(model)
+        return real_compile(model, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+
+    def cfg(out, **kw):
+        return TrainConfig(**{"base": "tiny-sd", "output_dir": out, "name": "c", "steps": 3, "lr": 5e-3,
+                              "batch_size": 2, "save_precision": "fp32", **kw},
+                           data=DataConfig(data=dataset, resolution=64), adapter=AdapterConfig(rank=4))
+
+    plain, _ = read(train(cfg(tmp_path / "plain")).adapter)
+    assert compiled == []
+    with caplog.at_level(logging.INFO):
+        fast, _ = read(train(cfg(tmp_path / "fast", compile=True)).adapter)
+    assert len(compiled) == 1  # the UNet, once
+    # the same adapter, under the same keys (saving reads the module, not the compiled wrapper)
+    assert fast.keys() == plain.keys()
+    assert all(torch.allclose(plain[k], fast[k], rtol=1e-4, atol=1e-6) for k in plain)
+    assert any(not torch.equal(fast[k], torch.zeros_like(fast[k])) for k in fast if "lora_up" in k)
+    assert "first step, with torch.compile's compilation" in caplog.text
+
