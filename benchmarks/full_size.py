@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from train_vs_reference import make_data  # noqa: E402
 
+from sdlora import quant  # noqa: E402
 from sdlora.safefiles import atomic_write_bytes  # noqa: E402
 
 RESOLUTION = {"sd1": 512, "sdxl": 1024}
@@ -216,7 +217,8 @@ def main(argv: list[str] | None = None) -> dict:
     report: dict = {"date": time.strftime("%Y-%m-%d"), "machine": f"{machine}, torch {torch.__version__}",
                     "command": "python benchmarks/full_size.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                     "settings": {"rank": 16, "preset": "attn-mlp", "precision": "bf16" if cuda else "fp32",
-                                 "cached": "latents and text", "quantize_base": args.quantize_base or "none"},
+                                 "cached": "latents and text", "quantize_base": args.quantize_base or "none",
+                                 "quantize_backend": quant.backend_for("auto") if args.quantize_base else "none"},
                     "rows": {}}
     rate = matmul_rate(cuda)
     report["matmul_tflops"] = rate / 1e12

@@ -1,10 +1,10 @@
-"""QLoRA on the toy world: the demo's style LoRA trained on a full-precision, an int8 and an nf4 base with the
-demo's settings, each measured as the demo measures it (on the full-precision base, where LoRAs are used), with
-the loss curves drawn together.
+"""QLoRA on the toy world: the demo's style LoRA trained on a full-precision base and on int8 and nf4 bases (each
+quantized by torchao and by bitsandbytes) with the demo's settings, each measured as the demo measures it (on the
+full-precision base, where LoRAs are used), with the loss curves drawn together.
 
-    .venv/bin/python benchmarks/qlora_toy.py [--out benchmarks/results/qlora_toy.json]
+    .venv/bin/python benchmarks/qlora_toy.py [--out benchmarks/results/qlora_toy.json] [--backends torchao bitsandbytes]
 
-Writes the JSON and `qlora_loss.png` beside it. About 8 minutes on 2 CPU cores.
+Writes the JSON and `qlora_loss.png` beside it. About 12 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,12 +21,14 @@ import torch
 from options import add_sampler
 from PIL import Image, ImageDraw
 
+from sdlora import quant
 from sdlora.config import DemoConfig
 from sdlora.demo import measure, train_style
 from sdlora.engine import BlendItem, Engine
 from sdlora.safefiles import atomic_save_image, atomic_write_bytes
 
-COLOURS = {"full precision": (40, 40, 40), "int8": (40, 110, 220), "nf4": (220, 80, 40)}
+COLOURS = {"full precision": (40, 40, 40), "int8 (torchao)": (40, 110, 220), "nf4 (torchao)": (220, 80, 40),
+           "int8 (bitsandbytes)": (40, 170, 90), "nf4 (bitsandbytes)": (170, 60, 170)}
 
 
 def plot(curves: dict[str, list[float]], path: Path) -> None:
@@ -53,18 +56,22 @@ def plot(curves: dict[str, list[float]], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "qlora_toy.json")
+    ap.add_argument("--backends", nargs="+", default=list(quant.BACKENDS[1:]), choices=quant.BACKENDS[1:])
     add_sampler(ap)
     args = ap.parse_args()
     cfg = DemoConfig(sampler=args.sampler)
     report: dict = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} CPU, "
                     f"{torch.get_num_threads()} threads, torch {torch.__version__}",
-                    "command": "python benchmarks/qlora_toy.py", "style": cfg.style, "sampler": cfg.sampler,
+                    "command": " ".join(["python benchmarks/qlora_toy.py", *sys.argv[1:]]), "style": cfg.style, "sampler": cfg.sampler,
                     "runs": {}}
     curves = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, kind in (("full precision", ""), ("int8", "int8"), ("nf4", "nf4")):
+        runs = [("full precision", "", "auto")]
+        runs += [(f"{kind} ({backend})", kind, backend) for backend in args.backends for kind in quant.KINDS]
+        for name, kind, backend in runs:
             started = time.time()
-            result = train_style(cfg.style, cfg, Path(tmp) / (kind or "full"), quantize_base=kind)
+            result = train_style(cfg.style, cfg, Path(tmp) / name.replace(" ", "_"), quantize_base=kind,
+                                 options={"quantize_backend": backend})
             seconds = time.time() - started
             engine = Engine("toy", lora_files=[result.adapter])
             m = measure(engine, lambda w, r=result: [BlendItem(r.adapter.stem, w)] if w else [], [cfg.style], cfg,

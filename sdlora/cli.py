@@ -105,7 +105,8 @@ def cmd_generate(ns: argparse.Namespace) -> int:
         path, unet_w, te_w = parse_lora_arg(arg)
         files.append(path)
         blend.append(BlendItem(path.stem, unet=unet_w, te=te_w))
-    engine = Engine(ns.base, lora_files=files, base_config=ns.base_config, quantize=ns.quantize_base or "")
+    engine = Engine(ns.base, lora_files=files, base_config=ns.base_config, quantize=ns.quantize_base or "",
+                    quantize_backend=ns.quantize_backend)
     params = Params(prompt=ns.prompt, negative_prompt=ns.negative_prompt, seed=ns.seed, steps=ns.steps,
                     cfg_scale=ns.cfg, width=ns.width, height=ns.height, batch_size=ns.batch_size,
                     batch_count=ns.batch_count, scheduler=ns.scheduler)
@@ -250,7 +251,7 @@ def cmd_webui(ns: argparse.Namespace) -> int:
 
     print(f"sdlora web UI on http://{ns.host}:{ns.port} (Ctrl+C to stop)", file=sys.stderr)
     serve(ns.base, ns.lora_dir, ns.output_dir, host=ns.host, port=ns.port, base_config=ns.base_config,
-          quantize=ns.quantize_base or "", data_root=ns.data_root)
+          quantize=ns.quantize_base or "", quantize_backend=ns.quantize_backend, data_root=ns.data_root)
     return 0
 
 
@@ -454,9 +455,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _quantize_option(parser: argparse.ArgumentParser) -> None:
     from .config import QUANTIZE
 
+    backend = next(f for _, f, _ in option_fields() if f.name == "quantize_backend")
     parser.add_argument("--quantize-base", choices=[q for q in QUANTIZE if q],
-                        help="Hold the base's linear and convolution layers in 8 or 4 bits to save memory (needs torchao); LoRAs then "
-                             "apply in exact mode only (default: full precision).")
+                        help="Hold the base's linear and convolution layers in 8 or 4 bits to save memory (needs "
+                             "--quantize-backend's library); LoRAs then apply in exact mode only (default: full precision).")
+    parser.add_argument("--quantize-backend", choices=backend.metadata["choices"], default=backend.default,
+                        help=f"{backend.metadata['help']} (default: {backend.default})")
 
 
 def _global_options(parser: argparse.ArgumentParser, default) -> None:

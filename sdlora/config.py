@@ -42,6 +42,14 @@ SAVE_PRECISION = ("fp16", "bf16", "fp32")
 FORMATS = ("kohya", "diffusers")
 CROPS = ("center", "random")
 QUANTIZE = ("", "int8", "nf4")
+QUANTIZE_BACKENDS = ("auto", "torchao", "bitsandbytes")
+
+
+def check_quantize(kind: str, backend: str) -> None:
+    """--quantize-backend means something only with --quantize-base (training and generation alike)."""
+    if backend != "auto" and not kind:
+        raise ConfigError(f"--quantize-backend {backend} picks how --quantize-base quantizes; pass --quantize-base "
+                          "int8 or nf4 too, or drop it")
 
 
 @dataclass
@@ -149,7 +157,8 @@ class TrainConfig:
     base: str = opt("tiny-sd", "Base model: a diffusers folder, a single-file .safetensors checkpoint, a Hub id, or a built-in (tiny-sd, tiny-sdxl).")
     base_config: str = opt("", "For a single-file --base: a diffusers folder or Hub id holding the model's configs and tokenizer (lets it load offline).")
     prediction_type: str = opt("", "Override the detected prediction type of the base.", choices=("", "epsilon", "v_prediction"))
-    quantize_base: str = opt("", "Keep the frozen base's linear and convolution layers in 8 or 4 bits (QLoRA; the LoRA trains in full precision; needs torchao).", choices=QUANTIZE)
+    quantize_base: str = opt("", "Keep the frozen base's linear and convolution layers in 8 or 4 bits (QLoRA; the LoRA trains in full precision; needs --quantize-backend's library).", choices=QUANTIZE)
+    quantize_backend: str = opt("auto", "Library that quantizes the base: auto is bitsandbytes when installed, else torchao.", choices=QUANTIZE_BACKENDS)
     output_dir: Path = opt(OUTPUTS, "Folder for the adapter, checkpoints, samples and logs.")
     name: str = opt("", "Adapter name (default: the data folder's name).")
     overwrite: bool = opt(False, "Replace an existing adapter of the same name instead of refusing.")
@@ -229,6 +238,7 @@ class TrainConfig:
         if self.adapter.kind in ("loha", "lokr") and self.format == "diffusers":
             raise ConfigError(f"diffusers cannot load a {self.adapter.kind} adapter; save it with --format kohya "
                               "(A1111, ComfyUI and Forge read it), or train --kind lora or dora")
+        check_quantize(self.quantize_base, self.quantize_backend)
         if self.adapter.kind != "lora" and self.quantize_base:
             raise ConfigError(f"--quantize-base trains --kind lora only (peft's {self.adapter.kind} layers cannot wrap "
                               "a quantized layer); drop one of the two")

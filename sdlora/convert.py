@@ -21,7 +21,7 @@ TRAINING_KEYS = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_
                  "ss_optimizer", "ss_lr_scheduler", "ss_min_snr_gamma", "ss_noise_offset", "ss_seed",
                  "ss_sd_model_name", "ss_training_started_at", "ss_training_finished_at", "ss_output_name",
                  "sdlora_train_weight", "sdlora_train_weight_min", "sdlora_preferred_weight", "sdlora_ema_decay",
-                 "sdlora_quantized_base")
+                 "sdlora_quantized_base", "sdlora_quantize_backend")
 
 
 def reference(lf: LoraFile, base: str | None):

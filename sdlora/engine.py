@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from . import embeddings
-from .config import Params
+from .config import Params, check_quantize
 from .errors import ConfigError, FormatError
 from .lorafile import Fit, LoraFile, fit, peek_lora, read_lora, trigger_words
 from .models import Base, load_base
@@ -211,20 +211,22 @@ class Result:
 class Engine:
     def __init__(self, base: str | Base, lora_dir: Path | None = None, *, lora_files: list[Path] = (),
                  base_config: str | None = None, device: str | None = None, dtype: torch.dtype | None = None,
-                 quantize: str = ""):
+                 quantize: str = "", quantize_backend: str = "auto"):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        check_quantize(quantize, quantize_backend)
         if quantize:
             from . import quant
 
-            quant.require(quantize)
+            quantize_backend = quant.backend_for(quantize_backend)
+            quant.require(quantize, quantize_backend)
         self.base = load_base(base, config=base_config) if isinstance(base, str) else base
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.pipe = self.base.pipeline()
         self.pipe.to(self.device, self.dtype)
         self.quantized = quantize  # the UNet's and text encoders' linear layers in 8 or 4 bits: exact mode only
         if quantize:
             for m in (self.base.unet, *self.base.text_encoders):
-                quant.quantize(m, quantize)
+                quant.quantize(m, quantize, quantize_backend)
         self.library = LoraLibrary(lora_dir, self.base.family, lora_files)
         self.lock = threading.Lock()
         self.max_loras: int | None = None  # a cap on LoRAs per blend, prompt tags included (the web UI sets one)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -373,7 +374,7 @@ class Fit:
                 raise FormatError(f"module {m.name} is {m.kind}{' with a Tucker core' if 'mid' in m.tensors else ''}; "
                                   "it can only be merged")
             down, up = m.tensors["down"].float(), m.tensors["up"].float()
-            shape = tuple(t.layer.weight.shape)
+            shape = layer_shape(t.layer)
             rank = down.shape[0]
             if isinstance(t.layer, torch.nn.Conv2d):
                 down, up = down.reshape(rank, *shape[1:]), up.reshape(shape[0], rank, 1, 1)
@@ -442,19 +443,25 @@ def fit(lf: LoraFile, models: dict[str, torch.nn.Module], family: str, base_name
     return Fit(targets, sorted(unmatched))
 
 
+def layer_shape(layer: torch.nn.Module) -> tuple[int, ...]:
+    """The weight's shape as the layer computes with it (a bitsandbytes layer stores its weight packed)."""
+    if isinstance(layer, torch.nn.Linear):
+        return layer.out_features, layer.in_features
+    return tuple(layer.weight.shape)
+
+
 def _check_shapes(path: Path, m: FileModule, layer: torch.nn.Module) -> None:
-    weight = layer.weight
-    out_f, in_f = weight.shape[0], weight.shape[1]
+    shape = layer_shape(layer)
+    out_f, in_f = shape[0], shape[1]
     if m.kind in ("lora", "dora"):
         down, up = m.tensors["down"], m.tensors["up"]
         rank = down.shape[0]
         if down.shape[1] != in_f or up.shape[0] != out_f or up.shape[1] != rank:
             raise FormatError(f"{path}: module {m.name} has shapes down {tuple(down.shape)} / up {tuple(up.shape)}, "
-                              f"which do not fit the layer {tuple(weight.shape)}; it was made for another model")
-        if rank > min(out_f, in_f * (weight[0, 0].numel() if weight.dim() == 4 else 1)):
-            raise FormatError(f"{path}: module {m.name} has rank {rank}, larger than its layer "
-                              f"{tuple(weight.shape)} allows")
+                              f"which do not fit the layer {shape}; it was made for another model")
+        if rank > min(out_f, in_f * math.prod(shape[2:])):
+            raise FormatError(f"{path}: module {m.name} has rank {rank}, larger than its layer {shape} allows")
         if m.kind == "dora":
-            dora_axis(m.name, tuple(m.tensors["dora_scale"].shape), tuple(weight.shape))
+            dora_axis(m.name, tuple(m.tensors["dora_scale"].shape), shape)
     else:
-        m.delta(tuple(weight.shape))  # raises on a size mismatch
+        m.delta(shape)  # raises on a size mismatch

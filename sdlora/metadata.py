@@ -29,8 +29,8 @@ def training_metadata(*, name: str, family: str, prediction_type: str, base_name
                       buckets: dict, trigger: str, seed: int, started: float, finished: float,
                       sample_image: str = "", optimizer: str = "", lr_scheduler: str = "",
                       min_snr_gamma: float = 0.0, noise_offset: float = 0.0,
-                      untrained: dict[str, str] | None = None, quantized_base: str = "", kind: str = "lora",
-                      factor: int = -1, decompose_both: bool = False) -> dict[str, str]:
+                      untrained: dict[str, str] | None = None, quantized_base: str = "", quantize_backend: str = "",
+                      kind: str = "lora", factor: int = -1, decompose_both: bool = False) -> dict[str, str]:
     """`untrained`: per component, the layers a preset names but that got no LoRA because the loss never
     reaches them (SDXL's text encoder 1 last layer), with the reason; written as `sdlora_untrained_layers`.
     DoRA, LoHa and LoKr are described as LyCORIS describes them (`lycoris.kohya` with `algo`)."""
@@ -87,6 +87,7 @@ def training_metadata(*, name: str, family: str, prediction_type: str, base_name
         meta["sdlora_untrained_layers"] = json.dumps(untrained)
     if quantized_base:  # QLoRA: the base was held in this precision while the adapter trained
         meta["sdlora_quantized_base"] = quantized_base
+        meta["sdlora_quantize_backend"] = quantize_backend
     if trigger:
         meta["modelspec.trigger_phrase"] = trigger
     if sample_image:

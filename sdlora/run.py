@@ -47,6 +47,7 @@ class Run:
     loop_started: float = 0.0  # when the training loop began
     first_step_seconds: float | None = None  # with --compile: the first step, compilation included
     base: Base | None = None
+    quantize_backend: str = ""  # the library that quantized the base (--quantize-backend resolved for the device)
     trained_tes: list[int] = field(default_factory=list)  # indices of the text encoders that get LoRA
     targets: dict[str, list[str]] = field(default_factory=dict)  # component -> module paths with LoRA
     optimizer: Any = None
@@ -162,7 +163,7 @@ def _adapter_blob(run: Run) -> bytes:
         buckets=dict(report.buckets()), trigger=run.trigger, seed=cfg.seed, started=run.started,
         finished=time.time(), optimizer=cfg.optimizer, lr_scheduler=cfg.lr_scheduler,
         min_snr_gamma=cfg.min_snr_gamma, noise_offset=cfg.noise_offset, untrained=untrained(run),
-        quantized_base=cfg.quantize_base, kind=cfg.adapter.kind, factor=cfg.adapter.factor,
+        quantized_base=cfg.quantize_base, quantize_backend=run.quantize_backend, kind=cfg.adapter.kind, factor=cfg.adapter.factor,
         decompose_both=cfg.adapter.decompose_both,
     )
     if run.reg:  # kohya's keys for regularisation images

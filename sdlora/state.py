@@ -48,11 +48,7 @@ def save_state(path: Path, *, step: int, lora: dict[str, dict[str, torch.Tensor]
     opt = optimizer.state_dict()
     scalars: dict[str, dict] = {}
     for pid, pstate in opt["state"].items():
-        for k, v in pstate.items():
-            if torch.is_tensor(v):
-                tensors[f"optim.{pid}.{k}"] = v
-            else:
-                scalars.setdefault(str(pid), {})[k] = v
+        _split(pstate, f"optim.{pid}", tensors, scalars.setdefault(str(pid), {}))
     meta = {
         "step": str(step),
         "param_groups": json.dumps(opt["param_groups"]),
@@ -61,9 +57,34 @@ def save_state(path: Path, *, step: int, lora: dict[str, dict[str, torch.Tensor]
         "extra": json.dumps(extra),
     }
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    seen: set[int] = set()
+    for k, v in tensors.items():  # safetensors stores no shared memory (8-bit optimizers share their quantile maps)
+        if v.untyped_storage().data_ptr() in seen:
+            tensors[k] = v.clone()
+        seen.add(tensors[k].untyped_storage().data_ptr())
     digest = data_hash(save(tensors, metadata=meta))  # the tensor bytes do not depend on the metadata
     meta["manifest"] = json.dumps({"step": step, "tensors_sha256": digest, **(manifest or {})})
     atomic_write_bytes(path, save(tensors, metadata=meta))
+
+
+def _split(state: dict, prefix: str, tensors: dict, scalars: dict) -> None:
+    """An optimizer's per-parameter state into tensors (`prefix.key`) and JSON scalars. Nested dicts keep their
+    nesting in dotted keys (bitsandbytes' 8-bit optimizers keep their quantized states in one)."""
+    for k, v in state.items():
+        if torch.is_tensor(v):
+            tensors[f"{prefix}.{k}"] = v
+        elif isinstance(v, dict):
+            _split(v, f"{prefix}.{k}", tensors, scalars.setdefault(k, {}))
+        else:
+            scalars[k] = v
+
+
+def _merge(into: dict, more: dict) -> None:
+    for k, v in more.items():
+        if isinstance(v, dict):
+            _merge(into.setdefault(k, {}), v)
+        else:
+            into[k] = v
 
 
 def load_state(path: Path) -> dict:
@@ -90,9 +111,12 @@ def load_state(path: Path) -> dict:
             component, k = rest.split(".", 1)
             lora.setdefault(component, {})[k] = t
         elif kind == "optim":
-            pid, k = rest.split(".", 1)
-            opt_state.setdefault(int(pid), {})[k] = t
+            pid, *keys = rest.split(".")
+            node = opt_state.setdefault(int(pid), {})
+            for name in keys[:-1]:
+                node = node.setdefault(name, {})
+            node[keys[-1]] = t
     for pid, vals in scalars.items():
-        opt_state.setdefault(int(pid), {}).update(vals)
+        _merge(opt_state.setdefault(int(pid), {}), vals)
     return {"step": step, "lora": lora, "optimizer": {"state": opt_state, "param_groups": groups},
             "scheduler": sched, "extra": extra, "manifest": manifest}

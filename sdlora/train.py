@@ -234,7 +234,8 @@ def _load_and_inject(run: Run) -> tuple[int, list[torch.nn.Parameter]]:
     if cfg.quantize_base:
         from . import quant
 
-        quant.require(cfg.quantize_base)  # before anything loads: say what to install
+        backend = run.quantize_backend = quant.backend_for(cfg.quantize_backend)
+        quant.require(cfg.quantize_base, backend)  # before anything loads: say what to install
     base = run.base = load_base(cfg.base, seed=cfg.seed, prediction_type=cfg.prediction_type or None,
                                 config=cfg.base_config or None)
     torch.manual_seed(cfg.seed)  # after loading, so the LoRA's initial weights follow --seed whatever the base did
@@ -243,11 +244,9 @@ def _load_and_inject(run: Run) -> tuple[int, list[torch.nn.Parameter]]:
     for m in base.modules().values():
         m.requires_grad_(False)
     if cfg.quantize_base:  # before LoRA goes on, in the compute dtype: peft wraps the quantized layers
-        from . import quant
-
         for m in [base.unet, *base.text_encoders]:
             m.to(device, dtype=weight_dtype)
-            quant.quantize(m, cfg.quantize_base)
+            quant.quantize(m, cfg.quantize_base, backend)
     run.targets = {} if cfg.adapter.embedding_only else {"unet": lora.inject(base.unet, cfg.adapter, "unet")}
     run.trained_tes = list(range(len(base.text_encoders))) if cfg.adapter.train_text_encoder else []
     for i in run.trained_tes:
@@ -416,8 +415,7 @@ def _optimizer_class(name: str):
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise MissingDependencyError("--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes "
-                                         "(CUDA only)") from None
+            raise MissingDependencyError("--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes") from None
         return bnb.optim.AdamW8bit
     try:
         from prodigyopt import Prodigy

@@ -231,11 +231,13 @@ def test_unknown_flag_and_existing_adapter(tmp_path, dataset, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["sd-ragged", "sdxl-text-encoders", "sd-int8-base", "sdxl-new-token"])
+@pytest.mark.parametrize("case", ["sd-ragged", "sdxl-text-encoders", "sd-int8-base", "sd-nf4-bitsandbytes",
+                                  "sdxl-new-token"])
 def test_two_processes_match_one(tmp_path, case):
     """sd-ragged: 3 images in global batches of 2, so every epoch ends in a batch of one sample (which must not
     count twice). sdxl-text-encoders: SDXL with LoRA on both text encoders (DDP refuses a LoRA without gradient).
     sd-int8-base: a quantized base (torchao's tensor subclasses go through DDP's start-up broadcast).
+    sd-nf4-bitsandbytes: a base quantized by bitsandbytes, peft's bitsandbytes LoRA layers under DDP.
     sdxl-new-token: pivotal tuning, whose text encoders train only their new tokens' vectors, fixed after step 2."""
     if case == "sdxl-new-token":
         data = make_dataset(tmp_path / "data", caption="<zz>, a red circle")
@@ -243,7 +245,11 @@ def test_two_processes_match_one(tmp_path, case):
     elif case == "sd-ragged":
         data, extra = make_dataset(tmp_path / "data", n=3, folder=""), ["--steps", "4"]
     elif case == "sd-int8-base":
-        data, extra = make_dataset(tmp_path / "data"), ["--steps", "3", "--quantize-base", "int8", "--train-text-encoder"]
+        data = make_dataset(tmp_path / "data")
+        extra = ["--steps", "3", "--quantize-base", "int8", "--quantize-backend", "torchao", "--train-text-encoder"]
+    elif case == "sd-nf4-bitsandbytes":
+        data = make_dataset(tmp_path / "data")
+        extra = ["--steps", "3", "--quantize-base", "nf4", "--quantize-backend", "bitsandbytes", "--preset", "full"]
     else:
         data = make_dataset(tmp_path / "data")
         extra = ["--base", "tiny-sdxl", "--train-text-encoder", "--steps", "3"]
@@ -300,6 +306,27 @@ def test_epochs_diffusers_format_and_prodigy(tmp_path, dataset):
     assert all(k.startswith("unet.") and ".lora_" in k for k in tensors)
     lam = __import__("json").loads(meta["lora_adapter_metadata"])
     assert lam["unet.r"] == 4 and lam["unet.lora_alpha"] == 8
+
+
+def test_adamw8bit_keeps_8bit_states_and_resumes(tmp_path, dataset):
+    """bitsandbytes' AdamW8bit (on the CPU too since bitsandbytes 0.48): states of 4096 values or more (here the
+    rank-8 LoRA of the 64-channel 3x3 convolutions) are held in 8 bits, and they survive a resume."""
+    from sdlora.safefiles import read_safetensors
+
+    def config(**kw):
+        return TrainConfig(base="tiny-sd", output_dir=tmp_path, name="o", steps=4, lr=1e-2, save_every=2,
+                           save_precision="fp32", optimizer="adamw8bit", data=DataConfig(data=dataset, resolution=64),
+                           adapter=AdapterConfig(rank=8, preset="full"), **kw)
+
+    result = train(config())
+    assert all(np.isfinite(result.losses)) and result.losses[-1] < result.losses[0]
+    tensors, _ = read(result.adapter)
+    state = tmp_path / "state" / "o-step000002.state.safetensors"
+    saved, _ = read_safetensors(state, check_finite=False)
+    assert any(k.startswith("optim.") and k.endswith(".state1") and t.dtype == torch.uint8 for k, t in saved.items())
+    resumed = train(config(resume=str(state), overwrite=True))
+    again, _ = read(resumed.adapter)
+    assert all(torch.equal(again[k], tensors[k]) for k in tensors)
 
 
 def test_missing_optional_optimizer_says_what_to_install(tmp_path, dataset, monkeypatch, capsys):

@@ -344,7 +344,8 @@ def _floats(text: str) -> list[float]:
 
 
 def serve(base: str, lora_dir: Path, output_dir: Path, host: str = StudioConfig.host, port: int = StudioConfig.port,
-          block: bool = True, base_config: str | None = None, quantize: str = "", data_root: Path | None = None):
+          block: bool = True, base_config: str | None = None, quantize: str = "", quantize_backend: str = "auto",
+          data_root: Path | None = None):
     """Start the UI. Gradio may read files from the outputs folder only (its cache lives inside it), and from
     `data_root` (the Train tab's thumbnails). Stopping a blocking server asks a running training job to save and
     exit."""
@@ -354,7 +355,7 @@ def serve(base: str, lora_dir: Path, output_dir: Path, host: str = StudioConfig.
     cache = output_dir / ".gradio"
     cache.mkdir(parents=True, exist_ok=True)
     os.environ["GRADIO_TEMP_DIR"] = str(cache)
-    engine = Engine(base, lora_dir, base_config=base_config, quantize=quantize)
+    engine = Engine(base, lora_dir, base_config=base_config, quantize=quantize, quantize_backend=quantize_backend)
     app = build_app(engine, output_dir, data_root)
     allowed = [str(output_dir)] + ([str(Path(data_root).resolve())] if data_root else [])
     if block:  # SIGTERM (a service manager stopping the server) ends it the way Ctrl-C does, through the finally
