@@ -130,6 +130,43 @@ def test_a_dora_file_converts_to_diffusers_and_back_with_its_magnitudes(trained,
     assert compared > 50
 
 
+@pytest.mark.parametrize("kind", ["lora", *KEYS])
+def test_set_weight_scales_every_layers_update_of_every_kind_in_the_unet_and_text_encoder(kind):
+    """--train-weight's lever: each adapted layer's update at weight w is w times its update at 1 (DoRA's, which
+    renormalises, only vanishes at 0), in every adapted layer of the UNet and the text encoder."""
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lycoris_utils import LycorisLayer
+
+    base = models.build_tiny("tiny-sd")
+    g = torch.Generator().manual_seed(0)
+    cfg = AdapterConfig(kind=kind, rank=4, preset="full")
+    unet, te = base.unet, base.text_encoders[0]
+    lora.inject(unet, cfg, "unet")
+    lora.inject(te, cfg, "text_encoder", lora.unreachable(te, base.family, "text_encoder"))
+    for model in (unet, te):
+        for name, p in model.named_parameters():
+            if any(mark in name for mark in lora.PARAMETER_MARKS) and "magnitude" not in name:
+                p.data = torch.randn(p.shape, generator=g) * 0.1  # peft starts some factors at zero
+    for model in (unet, te):
+        layers = [m for m in model.modules() if isinstance(m, (LoraLayer, LycorisLayer))]
+        assert len(layers) > 4
+        inputs = [torch.randn((2, m.get_base_layer().in_features) if isinstance(m.get_base_layer(), torch.nn.Linear)
+                              else (1, m.get_base_layer().in_channels, 8, 8), generator=g) for m in layers]
+
+        def updates(weight, layers=layers, inputs=inputs, model=model):
+            lora.set_weight([model, None], weight)
+            with torch.no_grad():
+                return [m(x) - m.get_base_layer()(x) for m, x in zip(layers, inputs, strict=True)]
+
+        one, half, zero = updates(1.0), updates(0.5), updates(0.0)
+        for u1, u5, u0 in zip(one, half, zero, strict=True):
+            assert u1.abs().max() > 1e-4 and u0.abs().max() < 1e-5
+            if kind == "dora":
+                assert (u5 - u1).abs().max() > 1e-5 and u5.abs().max() > 1e-5
+            else:
+                torch.testing.assert_close(u5, 0.5 * u1, rtol=1e-4, atol=1e-6)
+
+
 def test_kind_options_that_do_not_fit_are_refused_with_the_way_out():
     with pytest.raises(ConfigError, match="diffusers cannot load a loha adapter; save it with --format kohya"):
         TrainConfig(format="diffusers", adapter=AdapterConfig(kind="loha"))
