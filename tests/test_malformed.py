@@ -90,7 +90,9 @@ def test_each_malformed_file_is_refused_quickly_with_its_reason(tmp_path, name):
     attempt()
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    assert seconds < 2 and peak < 300e6, (name, seconds, peak)
+    # A bound against blow-ups (a quadratic scan of many-keys' 200,000 entries would take minutes), not a speed
+    # target: many-keys, the slowest, takes 1.0-1.3 s alone on 2 cores and took 2.4 s in a suite sharing them.
+    assert seconds < 5 and peak < 300e6, (name, seconds, peak)
     if words:
         assert outcome is not None and str(path) in outcome and words in outcome, (name, outcome)
     else:  # a file sdlora may read or refuse, but only ever with its own error naming the file
