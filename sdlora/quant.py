@@ -42,7 +42,7 @@ def _installed(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def require(kind: str, backend: str = "torchao") -> None:
+def require(kind: str, backend: str) -> None:
     """Fail before any model loads when the backend is missing."""
     if kind not in KINDS:
         raise ConfigError(f"unknown quantization {kind!r}; choose one of {', '.join(KINDS)}")
@@ -89,7 +89,7 @@ class QuantizedConv2d(torch.nn.Conv2d):
         return self._conv_forward(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
 
-def quantize(model: torch.nn.Module, kind: str, backend: str = "torchao") -> int:
+def quantize(model: torch.nn.Module, kind: str, backend: str) -> int:
     """Quantize the Linear and Conv2d layers of a frozen model in place (before LoRA is added; bitsandbytes computes in
     the dtype the weights had); returns how many."""
     count = 0
