@@ -236,11 +236,25 @@ FLOOR = ("import torch, accelerate, peft; from diffusers import AutoencoderKL, D
          "from transformers import CLIPTextModel, CLIPTokenizer")
 
 
-def import_floor(repeats: int) -> dict:
+def import_floor(repeats: int, hidden: bool = False) -> dict:
     """What importing the libraries both trainers need costs, alone: the part of the fixed cost and of the memory
-    that no trainer built on them can avoid."""
-    runs = [run([sys.executable, "-c", FLOOR]) for _ in range(repeats)]
+    that no trainer built on them can avoid. With `hidden`, as the sdlora command imports them: bitsandbytes and
+    torchao, which those libraries import whenever they are installed, left out (sdlora.optional)."""
+    code = f"from sdlora import optional; optional.hide(); {FLOOR}" if hidden else FLOOR
+    runs = [run([sys.executable, "-c", code]) for _ in range(repeats)]
     return {"seconds": statistics.median(w for w, _ in runs), "peak_rss_mib": statistics.median(m for _, m in runs)}
+
+
+def cpu() -> str:
+    """The CPU's name and the instruction sets that change which kernels torch and bitsandbytes run."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    have = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{name} ({', '.join(have) if have else 'no AVX-512'})"
 
 
 def targets(shapes: dict) -> dict:
@@ -277,12 +291,15 @@ def main() -> None:
 
     import torch
 
+    from sdlora import optional
     from sdlora.safefiles import atomic_write_bytes
 
-    report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch "
-              f"{torch.__version__}, {torch.get_num_threads()} threads", "settings": COMMON,
-              "runs": {"short": args.short, "long": args.long, "repeats": args.repeats}, "shapes": {}}
+    report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {cpu()}, "
+              f"torch {torch.__version__}, {torch.get_num_threads()} threads", "settings": COMMON,
+              "runs": {"short": args.short, "long": args.long, "repeats": args.repeats}, "shapes": {},
+              "installed": {name: optional.installed(name) for name in optional.QUANTIZERS}}
     report["import_floor"] = import_floor(args.repeats)
+    report["import_floor_without_quantizers"] = import_floor(args.repeats, hidden=True)
     with tempfile.TemporaryDirectory() as tmp:
         for shape in args.shapes:
             variants = tuple(dict.fromkeys([*args.variants, "reference"]))

@@ -490,6 +490,15 @@ class _Format(logging.Formatter):
         return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
 
 
+def entry() -> int:
+    """The `sdlora` command and `python -m sdlora`: `main` in a process of its own, where the quantization libraries
+    stay unimported until a run asks for them (sdlora.optional)."""
+    from . import optional
+
+    optional.hide()
+    return main()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)

@@ -19,6 +19,7 @@ import logging
 
 import torch
 
+from . import optional
 from .config import QUANTIZE, QUANTIZE_BACKENDS
 from .errors import ConfigError, MissingDependencyError
 
@@ -37,9 +38,7 @@ def backend_for(choice: str) -> str:
 
 
 def _installed(name: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(name) is not None
+    return optional.installed(name)
 
 
 def require(kind: str, backend: str) -> None:
@@ -49,7 +48,7 @@ def require(kind: str, backend: str) -> None:
     if backend not in BACKENDS[1:]:
         raise ConfigError(f"unknown quantization backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     try:
-        _torchao() if backend == "torchao" else _bitsandbytes()
+        torchao() if backend == "torchao" else bitsandbytes()
     except ImportError:
         raise MissingDependencyError(f"--quantize-base {kind} with the {backend} backend needs {backend}: pip install "
                                      f"{backend} (or pip install 'sdlora[quant]'; --quantize-backend picks the other "
@@ -57,23 +56,22 @@ def require(kind: str, backend: str) -> None:
 
 
 @functools.cache  # (once: the filter below is added to a logger)
-def _bitsandbytes():
+def bitsandbytes():
     # LLM.int8 multiplies in fp16 by design; bitsandbytes logs that for every fp32 forward (the README says it once).
     logging.getLogger("bitsandbytes.autograd._functions").addFilter(
         lambda record: not record.getMessage().startswith("MatMul8bitLt: inputs will be cast"))
-    import bitsandbytes
+    # On CPUs with AVX-512 BF16 it tries a faster nf4 kernel from the Hub through the `kernels` package, and warns
+    # when it cannot: its own fallback is what sdlora measured (README, QLoRA), and nothing should be fetched.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    return optional.load("bitsandbytes")
 
-    return bitsandbytes
 
-
-def _torchao():
+def torchao():
     # torchao logs a line for each optional CUDA kernel library it cannot load, and torch a deprecation about one
     # of torchao's registrations: advice for their developers, not for a user quantizing on the CPU.
     for name in ("torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    import torchao.quantization
-
-    return torchao.quantization
+    return optional.load("torchao.quantization")
 
 
 class QuantizedConv2d(torch.nn.Conv2d):
@@ -118,14 +116,14 @@ def quantize(model: torch.nn.Module, kind: str, backend: str) -> int:
 def _pack(matrix: torch.Tensor, kind: str, backend: str) -> torch.Tensor:
     """One weight matrix (out, in) quantized where it lies."""
     if backend == "bitsandbytes":
-        nn = _bitsandbytes().nn
+        nn = bitsandbytes().nn
         if kind == "int8":
             packed = nn.Int8Params(matrix, requires_grad=False, has_fp16_weights=False)
         else:
             packed = nn.Params4bit(matrix, requires_grad=False, blocksize=NF4_BLOCK, compress_statistics=True,
                                    quant_type="nf4")
         return packed._quantize(matrix.device)  # (its .to() quantizes too, but an int8 one only from the CPU)
-    q = _torchao()
+    q = torchao()
     if kind == "int8":
         return q.Int8Tensor.from_hp(matrix, q.PerRow())
     scalers = matrix.numel() // NF4_BLOCK
@@ -134,11 +132,15 @@ def _pack(matrix: torch.Tensor, kind: str, backend: str) -> torch.Tensor:
 
 
 def _bnb_linear(linear: torch.nn.Linear, packed: torch.Tensor) -> torch.nn.Module:
-    nn = _bitsandbytes().nn
+    nn = bitsandbytes().nn
     shape = (linear.in_features, linear.out_features, linear.bias is not None)
     if hasattr(packed, "quant_state"):  # nf4
         new = nn.Linear4bit(*shape, compute_dtype=linear.weight.dtype, quant_type="nf4", device="meta")
         packed.module, new.quant_state = new, packed.quant_state
+        # On CPUs with AVX-512 BF16, bitsandbytes repacks the weight in place on its first forward without
+        # gradients, for a faster kernel that needs in_features a multiple of 64 (the tiny bases' 32 fail) and leaves
+        # a layout other code cannot dequantize: one format throughout, as on every other CPU and on CUDA.
+        new.support_avx512bf16_for_cpu = False
     else:
         new = nn.Linear8bitLt(*shape, has_fp16_weights=False, device="meta")
     new.weight = packed
@@ -150,9 +152,9 @@ def dequantize(weight: torch.Tensor) -> torch.Tensor:
     if hasattr(weight, "get_original_weight"):  # torchao's NF4Tensor
         return weight.get_original_weight()
     if getattr(weight, "quant_state", None) is not None:  # bitsandbytes' Params4bit
-        return _bitsandbytes().functional.dequantize_4bit(weight, weight.quant_state)
+        return bitsandbytes().functional.dequantize_4bit(weight, weight.quant_state)
     if getattr(weight, "SCB", None) is not None:  # bitsandbytes' Int8Params: int8 rows and their scales
-        return _bitsandbytes().functional.int8_vectorwise_dequant(weight.data, weight.SCB)
+        return bitsandbytes().functional.int8_vectorwise_dequant(weight.data, weight.SCB)
     return weight.dequantize() if is_quantized(weight) else weight
 
 

@@ -412,11 +412,12 @@ def _optimizer_class(name: str):
     if name == "adamw":
         return torch.optim.AdamW
     if name == "adamw8bit":
+        from .quant import bitsandbytes
+
         try:
-            import bitsandbytes as bnb
+            return bitsandbytes().optim.AdamW8bit
         except ImportError:
             raise MissingDependencyError("--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes") from None
-        return bnb.optim.AdamW8bit
     try:
         from prodigyopt import Prodigy
     except ImportError:

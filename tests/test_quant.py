@@ -129,8 +129,8 @@ def test_a_missing_backend_is_named_before_any_model_loads(tmp_path, dataset, mo
     def no_bitsandbytes():
         raise ImportError("No module named 'bitsandbytes'")
 
-    monkeypatch.setattr(quant, "_torchao", no_torchao)
-    monkeypatch.setattr(quant, "_bitsandbytes", no_bitsandbytes)
+    monkeypatch.setattr(quant, "torchao", no_torchao)
+    monkeypatch.setattr(quant, "bitsandbytes", no_bitsandbytes)
     monkeypatch.setattr(quant, "_installed", lambda name: True)  # as if both were there, but neither imports
     monkeypatch.setattr(training, "load_base", lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(MissingDependencyError, match="pip install torchao"):
