@@ -493,10 +493,17 @@ class _Format(logging.Formatter):
 def entry() -> int:
     """The `sdlora` command and `python -m sdlora`: `main` in a process of its own, where the quantization libraries
     stay unimported until a run asks for them (sdlora.optional)."""
+    import gc
+
     from . import optional
 
     optional.hide()
-    return main()
+    code = main()
+    # Python's last garbage collection at exit walks every object the libraries made (half a second on the README's
+    # machine, a tenth of a short run); the command's files are written and closed by now (each atomically), so
+    # the objects are left to the operating system.
+    gc.freeze()
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
