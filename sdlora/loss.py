@@ -43,10 +43,10 @@ def batch_loss(batch, base: Base, unet, text_encoders, noise_scheduler, cfg: Tra
                 text_cache, train_text: bool) -> torch.Tensor:
     slots = batch["slot"].tolist()
     if "latents" in batch:
-        latents = batch["latents"].to(device, torch.float32)
+        latents = batch["latents"].to(device, torch.float32, non_blocking=True)
     else:
         with torch.no_grad():
-            dist = base.vae.encode(batch["pixels"].to(device, torch.float32)).latent_dist
+            dist = base.vae.encode(batch["pixels"].to(device, torch.float32, non_blocking=True)).latent_dist
             latents = sample_latents(dist, [seeded(cfg.seed, "latent-slot", s) for s in slots], base)
     noise, timesteps = noise_and_timesteps(latents, slots, cfg, noise_scheduler.config.num_train_timesteps)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)

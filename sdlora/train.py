@@ -109,34 +109,37 @@ def train(cfg: TrainConfig, *, progress: bool = False) -> TrainResult:
     step_items: list[int] = []  # the images of this step's batches, to name them if it goes wrong
     for m in models:
         m.train()
+    # One loader for the whole run, so that its workers (--num-workers) start once, not every epoch (and none when a
+    # resumed run is at its last step already). Pinned memory on CUDA: the batches copy while the GPU computes.
+    rank = accelerator.process_index
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=_batches(plan, micro, rank), collate_fn=collate,
+                                         num_workers=cfg.num_workers, pin_memory=accelerator.device.type == "cuda")
+    steps = zip(_batches(plan, micro, rank), loader, strict=True) if run.step < total_steps else ()
     with signals(run):
-        while run.step < total_steps:
-            run.epoch, pos = divmod(micro, micro_per_epoch)
-            batches = plan.local_batches(run.epoch, accelerator.process_index)[pos:]
-            loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
-                                                 num_workers=cfg.num_workers)
-            for slots, batch in zip(batches, loader, strict=True):
-                torch.manual_seed(seeded(cfg.seed, "step", micro, accelerator.process_index))  # LoRA dropout
-                if cfg.train_weight_min is not None:
-                    lora.set_weight([base.unet, *base.text_encoders], step_weight(cfg, run.step))
-                with accelerator.accumulate(*models):
-                    loss = batch_loss(batch, base, unet, text_encoders, noise_scheduler, cfg, accelerator.device,
-                                       weight_dtype, run.text_cache, run.trains_text)
-                    accelerator.backward(loss)
-                    accum_losses.append(loss.detach())
-                    step_items += [s.item for s in slots]
-                    if accelerator.sync_gradients:
-                        optimizer_step(run, params, accum_losses, step_items)
-                micro += 1
+        for slots, batch in steps:
+            run.epoch = micro // plan.batches_per_epoch
+            torch.manual_seed(seeded(cfg.seed, "step", micro, rank))  # LoRA dropout
+            if cfg.train_weight_min is not None:
+                lora.set_weight([base.unet, *base.text_encoders], step_weight(cfg, run.step))
+            with accelerator.accumulate(*models):
+                loss = batch_loss(batch, base, unet, text_encoders, noise_scheduler, cfg, accelerator.device,
+                                  weight_dtype, run.text_cache, run.trains_text)
+                accelerator.backward(loss)
+                accum_losses.append(loss.detach())
+                step_items += [s.item for s in slots]
                 if accelerator.sync_gradients:
-                    _end_of_step(run, accum_losses, bar, total_steps)
-                    step_items.clear()
-                    if run.pivot and run.step == cfg.embedding_steps:
-                        _fix_embeddings(run, dataset)
-                    if run.step >= total_steps:
-                        break
-                    if run.interrupted:
-                        save_and_stop(run)
+                    optimizer_step(run, params, accum_losses, step_items)
+            micro += 1
+            if accelerator.sync_gradients:
+                _end_of_step(run, accum_losses, bar, total_steps)
+                step_items.clear()
+                if run.pivot and run.step == cfg.embedding_steps:
+                    _fix_embeddings(run, dataset)
+                if run.step >= total_steps:
+                    break
+                if run.interrupted:
+                    save_and_stop(run)
+    del steps, loader  # (its workers stop)
     bar.close()
     loop_seconds = time.time() - loop_started
 
@@ -163,6 +166,14 @@ def train(cfg: TrainConfig, *, progress: bool = False) -> TrainResult:
         log.info(f"selection report: {run.out / 'report.html'}; recommended {rec['file']} at weight {rec['weight']:g}")
     return TrainResult(run.final_path, run.name, run.step, loop_seconds, sum(p.numel() for p in params), base_params,
                        len(blob), time.time() - run.started, [r[1] for r in run.rows], run.samples, run.skipped)
+
+
+def _batches(plan: EpochPlan, micro: int, rank: int):
+    """This process's batches from micro-step `micro` on, epoch after epoch, for as long as the loop takes them."""
+    epoch, pos = divmod(micro, plan.batches_per_epoch)
+    while True:
+        yield from plan.local_batches(epoch, rank)[pos:]
+        epoch, pos = epoch + 1, 0
 
 
 LOG_EVERY = 10  # steps between reading losses back from the device (each read waits for the device to finish)

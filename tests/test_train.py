@@ -611,3 +611,29 @@ def test_compile_wraps_the_unet_and_trains_the_same_adapter(tmp_path, dataset, m
     assert any(not torch.equal(fast[k], torch.zeros_like(fast[k])) for k in fast if "lora_up" in k)
     assert "first step, with torch.compile's compilation" in caplog.text
 
+
+
+def test_worker_processes_start_once_and_train_what_the_main_process_does(tmp_path, dataset, monkeypatch):
+    """--num-workers: one loader for the whole run (its workers are not started again each epoch), and the images
+    they prepare, random crops and flips included, are the ones the main process would: the same adapter."""
+    from torch.utils.data import dataloader
+
+    started = []
+    real_init = dataloader._MultiProcessingDataLoaderIter.__init__
+    monkeypatch.setattr(dataloader._MultiProcessingDataLoaderIter, "__init__",
+                        lambda self, loader: started.append(1) or real_init(self, loader))
+
+    def run(out, workers):
+        cfg = TrainConfig(base="tiny-sd", output_dir=out, steps=12, batch_size=4, lr=1e-3, num_workers=workers,
+                          cache_latents=False, data=DataConfig(data=dataset, resolution=64, crop="random", flip=True),
+                          adapter=AdapterConfig(rank=4))
+        return train(cfg)
+
+    plain = run(tmp_path / "plain", 0)
+    assert not started
+    workers = run(tmp_path / "workers", 2)
+    assert len(started) == 1  # 12 steps of 5 batches an epoch: three epochs, one start
+    assert workers.steps == plain.steps == 12 and workers.losses == plain.losses
+    a, b = read(plain.adapter)[0], read(workers.adapter)[0]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(a[k].abs().max() > 0 for k in a if k.endswith("lora_up.weight"))
