@@ -278,7 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     _global_options(common, argparse.SUPPRESS)  # also after the command name; unset there, the top level's value stands
     command = functools.partial(sub.add_parser, parents=[common])
+    for add in (_run_commands, _studio_commands, _workshop_commands, _demo_command):
+        add(command)
+    return parser
 
+
+def _run_commands(command) -> None:
+    """train, doctor and report: a training run, before and after."""
     p = command("train", help="Train a LoRA on a folder of captioned images.",
                 description="Train a LoRA on a folder of captioned images.")
     add_train_options(p)
@@ -309,10 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="Print the report as JSON.")
     p.set_defaults(func=cmd_report)
 
+def _studio_commands(command) -> None:
+    """generate and webui: the blend studio."""
+    studio = StudioConfig()
     p = command("generate", help="Generate images with a base and a blend of LoRAs.",
                 description="Generate images with a base model and a weighted blend of LoRAs. Prompts may "
                             "also hold <lora:name:w> tags naming LoRAs given with --lora.")
-    studio = StudioConfig()
     p.add_argument("--base", default=studio.base, help=f"Base model (as for train; default: {studio.base}).")
     p.add_argument("--base-config", help="For a single-file --base: diffusers folder or Hub id with its configs.")
     _quantize_option(p)
@@ -355,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "folders, the only place it reads training data from (runs go to --output-dir).")
     p.set_defaults(func=cmd_webui)
 
+def _workshop_commands(command) -> None:
+    """inspect, convert, merge, resize, extract, bake and analyze: the LoRA workshop."""
     p = command("inspect", help="Show what a LoRA file is: format, family, modules, rank, metadata, hashes.",
                 description="Show what a LoRA file is: format, family, modules, rank, alpha, metadata, hashes.")
     p.add_argument("file", type=Path, help="A .safetensors LoRA.")
@@ -436,6 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="The base the LoRAs were made for, for custom architectures.")
     p.set_defaults(func=cmd_analyze)
 
+def _demo_command(command) -> None:
+    """demo: the toy world's style LoRA, trained and measured."""
+    studio = StudioConfig()
     p = command("demo", help="Train a style LoRA on the toy base and measure what it does.",
                 description="Train a style LoRA on the pretrained toy base from datasets_example/, then write "
                             "a grid (prompts x LoRA weight 0, 0.5, 1) and metrics.json.")
@@ -449,7 +462,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blend", action="store_true", help="Train both styles for blending (each step at a weight from "
                    f"{demo.blend_weight_min:g} to 1: --train-weight-min) and also measure a 0.5 + 0.5 blend.")
     p.set_defaults(func=cmd_demo)
-    return parser
 
 
 def _quantize_option(parser: argparse.ArgumentParser) -> None:
