@@ -179,7 +179,7 @@ class TrainConfig:
     train_weight_min: float | None = opt(None, "Train each step at a weight drawn evenly between this and --train-weight, so the style holds across that range (for blends, where each adapter goes in below full weight); weights within the range then change the strength less. Off when not given.")
     nan_policy: str = opt("stop", "When a step's loss or gradients are not finite: stop the run there (keeping the last good checkpoint), or skip the step.", choices=("stop", "skip"))
     max_grad_norm: float = opt(1.0, "Gradient clipping norm (0: off).")
-    mixed_precision: str = opt("no", "Mixed precision on CUDA (fp32 is used on the CPU).", choices=MIXED_PRECISION)
+    mixed_precision: str = opt("no", "Mixed precision: fp16 or bf16 on CUDA; on the CPU bf16 where it has AVX-512 BF16 or AMX (fp32 otherwise).", choices=MIXED_PRECISION)
     gradient_checkpointing: bool = opt(False, "Trade compute for memory.")
     compile: bool = opt(False, "torch.compile the UNet (inductor): faster steps once it has compiled during the first step, which takes minutes (the log says how long); pays on long runs.")
     seed: int = opt(42, "Seed for everything random; runs with the same seed are identical on the CPU.")

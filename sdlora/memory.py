@@ -145,6 +145,19 @@ def _activations(unet, batch: int, width: int, height: int, dtype, checkpointing
     return total - sum(inside) + sum(out_bytes.get(b, 0) for b in blocks) + max(inside, default=0)
 
 
+def training_precision(asked: str) -> tuple[str, str]:
+    """The mixed precision a run gets on this machine, and why when it is not what was asked: as asked on CUDA; on
+    the CPU, bf16 where the CPU computes in it (AVX-512 BF16 or AMX), else fp32 (fp16, and bf16 without those
+    instructions, compute slower than fp32 on a CPU)."""
+    if torch.cuda.is_available() or asked == "no":
+        return asked, ""
+    if asked == "bf16" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        return "bf16", ""
+    why = ("fp16 needs CUDA" if asked == "fp16" else
+           "bf16 on the CPU needs AVX-512 BF16 or AMX, which this CPU lacks (it would be slower than fp32)")
+    return "no", f"mixed precision {asked}: {why}; training in fp32"
+
+
 def estimate(cfg: TrainConfig, images: int = 0, bucket: tuple[int, int] | None = None) -> Estimate | None:
     """The memory a run of `cfg` needs on its device at its largest bucket (`bucket`, else resolution²) with
     `images` cached; None when the base's architecture cannot be read without loading it."""
@@ -153,7 +166,7 @@ def estimate(cfg: TrainConfig, images: int = 0, bucket: tuple[int, int] | None =
         return None
     family, unet_cfg, te_cfgs, vae_cfg = found
     on_cuda = torch.cuda.is_available()
-    precision = cfg.mixed_precision if on_cuda else "no"  # the CPU trains in fp32 whatever is asked
+    precision = training_precision(cfg.mixed_precision)[0]
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     unet, tes, vae = _meta_models(unet_cfg, te_cfgs, vae_cfg, dtype)
     width, height = bucket or (cfg.data.resolution, cfg.data.resolution)
@@ -180,5 +193,5 @@ def estimate(cfg: TrainConfig, images: int = 0, bucket: tuple[int, int] | None =
         "text cache": images * 77 * sum(hidden) * 4 if text_cached else 0,
     }
     where = f"{family} architecture of {Path(str(cfg.base)).name}, batch {cfg.batch_size} at {width}x{height}, " + (
-        f"{precision} on CUDA" if on_cuda else "fp32 on the CPU")
+        f"{precision} on CUDA" if on_cuda else f"{'fp32' if precision == 'no' else precision} on the CPU")
     return Estimate(parts, where)

@@ -166,6 +166,7 @@ def _adapter_blob(run: Run) -> bytes:
         quantized_base=cfg.quantize_base, quantize_backend=run.quantize_backend, kind=cfg.adapter.kind, factor=cfg.adapter.factor,
         decompose_both=cfg.adapter.decompose_both,
     )
+    meta["ss_mixed_precision"] = run.accelerator.mixed_precision  # what ran ("no" for fp32), as kohya records it
     if run.reg:  # kohya's keys for regularisation images
         reg_dirs: dict = {}
         for item in run.reg.items:

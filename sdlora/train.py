@@ -25,6 +25,7 @@ from .doctor import diagnose, learning_rate_notes
 from .errors import ConfigError, DataError, FormatError, MissingDependencyError
 from .logs import plot_loss, read_csv, write_csv
 from .loss import batch_loss, encode_text, sample_latents
+from .memory import training_precision
 from .models import Base, load_base
 from .run import (
     COMPONENT_NAMES,
@@ -409,9 +410,9 @@ def _accelerator(cfg: TrainConfig):
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
 
-    mixed = cfg.mixed_precision if torch.cuda.is_available() else "no"
-    if mixed != cfg.mixed_precision:
-        log.info(f"mixed precision {cfg.mixed_precision} needs CUDA; training in fp32 on the CPU")
+    mixed, why = training_precision(cfg.mixed_precision)
+    if why:
+        log.info(why)
     logs = Path(cfg.output_dir) / "logs"
     # cpu=True on a machine without CUDA is what makes accelerate use gloo under torchrun.
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed,

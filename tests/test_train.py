@@ -637,3 +637,35 @@ def test_worker_processes_start_once_and_train_what_the_main_process_does(tmp_pa
     a, b = read(plain.adapter)[0], read(workers.adapter)[0]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(a[k].abs().max() > 0 for k in a if k.endswith("lora_up.weight"))
+
+
+@pytest.mark.parametrize("cpu_bf16", [True, False])
+def test_bf16_on_a_cpu_that_computes_in_it(tmp_path, dataset, monkeypatch, caplog, cpu_bf16):
+    """--mixed-precision bf16 on the CPU: honoured where the CPU has AVX-512 BF16 or AMX (the base in bf16, the LoRA
+    in fp32, under autocast), fp32 with a message elsewhere. (Patched both ways: bf16 runs on any CPU, only slower.)"""
+    import sdlora.train as training
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: cpu_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    seen = {}
+    real = training._optimizer_and_prepare
+
+    def spy(run, *args):
+        seen["base"] = run.base.unet.conv_in.weight.dtype
+        seen["lora"] = {p.dtype for p in args[1]}
+        return real(run, *args)
+
+    monkeypatch.setattr(training, "_optimizer_and_prepare", spy)
+    cfg = TrainConfig(base="tiny-sd", output_dir=tmp_path, steps=6, lr=1e-3, mixed_precision="bf16",
+                      data=DataConfig(data=dataset, resolution=64), adapter=AdapterConfig(rank=4))
+    with caplog.at_level("INFO", logger="sdlora"):
+        result = train(cfg)
+    tensors, meta = read(result.adapter)
+    assert all(np.isfinite(result.losses)) and seen["lora"] == {torch.float32}
+    assert any(t.abs().max() > 0 for k, t in tensors.items() if k.endswith("lora_up.weight"))
+    if cpu_bf16:
+        assert seen["base"] == torch.bfloat16 and meta["ss_mixed_precision"] == "bf16"
+        assert "bf16 on the CPU" in caplog.text  # the memory estimate counts it
+    else:
+        assert seen["base"] == torch.float32 and meta["ss_mixed_precision"] == "no"
+        assert "bf16 on the CPU needs AVX-512 BF16 or AMX" in caplog.text and "fp32 on the CPU" in caplog.text
