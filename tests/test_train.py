@@ -669,3 +669,17 @@ def test_bf16_on_a_cpu_that_computes_in_it(tmp_path, dataset, monkeypatch, caplo
     else:
         assert seen["base"] == torch.float32 and meta["ss_mixed_precision"] == "no"
         assert "bf16 on the CPU needs AVX-512 BF16 or AMX" in caplog.text and "fp32 on the CPU" in caplog.text
+    assert "this CPU computes in bf16" not in caplog.text  # (the hint is for fp32 runs of full-size bases)
+
+
+@pytest.mark.parametrize("cpu_bf16", [True, False])
+def test_a_full_size_fp32_run_on_a_bf16_cpu_is_told_about_bf16(tmp_path, dataset, monkeypatch, caplog, cpu_bf16):
+    import sdlora.train as training
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: cpu_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(training, "BF16_HINT_PARAMS", 1_000_000)  # tiny-sd's 1.6 M parameters count as full size
+    cfg = TrainConfig(base="tiny-sd", output_dir=tmp_path, steps=1, data=DataConfig(data=dataset, resolution=64))
+    with caplog.at_level("INFO", logger="sdlora"):
+        train(cfg)
+    assert ("--mixed-precision bf16 trains a base of this size about twice as fast" in caplog.text) == cpu_bf16
