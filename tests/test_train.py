@@ -5,6 +5,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -657,7 +658,7 @@ def test_bf16_on_a_cpu_that_computes_in_it(tmp_path, dataset, monkeypatch, caplo
 
     monkeypatch.setattr(training, "_optimizer_and_prepare", spy)
     cfg = TrainConfig(base="tiny-sd", output_dir=tmp_path, steps=6, lr=1e-3, mixed_precision="bf16",
-                      data=DataConfig(data=dataset, resolution=64), adapter=AdapterConfig(rank=4))
+                      save_precision="fp32", data=DataConfig(data=dataset, resolution=64), adapter=AdapterConfig(rank=4))
     with caplog.at_level("INFO", logger="sdlora"):
         result = train(cfg)
     tensors, meta = read(result.adapter)
@@ -666,6 +667,18 @@ def test_bf16_on_a_cpu_that_computes_in_it(tmp_path, dataset, monkeypatch, caplo
     if cpu_bf16:
         assert seen["base"] == torch.bfloat16 and meta["ss_mixed_precision"] == "bf16"
         assert "bf16 on the CPU" in caplog.text  # the memory estimate counts it
+        # Speed does not buy a different result: the fp32 run's losses within 1% at every step (measured: 0.05%),
+        # its whole update (up x down over every module) within 20% (measured: 7.5% after 6 steps at lr 1e-3).
+        plain = train(replace(cfg, output_dir=tmp_path / "fp32", mixed_precision="no"))
+        assert np.allclose(result.losses, plain.losses, rtol=0.01)
+        want, got = read(plain.adapter)[0], tensors
+        ups = [k for k in want if k.endswith("lora_up.weight")]
+
+        def update(t, k):
+            return t[k].flatten(1).double() @ t[k.replace("lora_up", "lora_down")].flatten(1).double()
+
+        diff = sum(float((update(got, k) - update(want, k)).norm() ** 2) for k in ups)
+        assert diff ** 0.5 < 0.2 * sum(float(update(want, k).norm() ** 2) for k in ups) ** 0.5
     else:
         assert seen["base"] == torch.float32 and meta["ss_mixed_precision"] == "no"
         assert "bf16 on the CPU needs AVX-512 BF16 or AMX" in caplog.text and "fp32 on the CPU" in caplog.text
