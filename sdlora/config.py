@@ -182,7 +182,7 @@ class TrainConfig:
     mixed_precision: str = opt("no", "Mixed precision: fp16 or bf16 on CUDA; on the CPU bf16 where it has AVX-512 BF16 or AMX (fp32 otherwise).", choices=MIXED_PRECISION)
     gradient_checkpointing: bool = opt(False, "Trade compute for memory.")
     compile: bool = opt(False, "torch.compile the UNet (inductor): faster steps once it has compiled during the first step, which takes minutes (the log says how long); pays on long runs.")
-    seed: int = opt(42, "Seed for everything random; runs with the same seed are identical on the CPU.")
+    seed: int = opt(42, "Seed for everything random; runs with the same seed are identical on the CPU in fp32.")
     min_snr_gamma: float = opt(0.0, "Min-SNR loss weighting gamma (0: off; 5 is the paper's value).")
     noise_offset: float = opt(0.0, "Noise offset (0: off; 0.05-0.1 helps very dark or bright images).")
     min_timestep: int = opt(0, "Train only timesteps from this one up (kohya's --min_timestep).")
