@@ -321,7 +321,8 @@ def _dataset_and_caches(run: Run):
         dataset.latents = _cache_latents(dataset, base, cfg, run.accelerator)
     if not run.pivot:  # (while embeddings train, the text changes every step: cached once they stop)
         run.text_cache = _text_cache(run, dataset)
-    _release_encoders(base, dataset.latents is not None, run.text_cache is not None, bool(cfg.sample_prompt))
+    _release_encoders(base, dataset.latents is not None, run.text_cache is not None, bool(cfg.sample_prompt),
+                      bool(cfg.quantize_base))
     return dataset, plan
 
 
@@ -571,20 +572,28 @@ def _cache_latents(dataset: TrainDataset, base: Base, cfg: TrainConfig, accelera
     return cache
 
 
-def _release_encoders(base: Base, latents_cached: bool, text_cached: bool, sampling: bool) -> None:
-    """Once everything is cached, the VAE and text encoders leave the accelerator (or memory, if no sampling)."""
-    import gc
-
-    if latents_cached:
-        if sampling:
-            base.vae.to("cpu")
-        else:
+def _release_encoders(base: Base, latents_cached: bool, text_cached: bool, sampling: bool,
+                      quantized: bool = False) -> None:
+    """Once everything is cached, the VAE and text encoders leave the accelerator: for the CPU when sample images
+    still need them, else for good. Then their weights go at once: the models sit in reference cycles (a library
+    keeps a traceback whose frames reach the loader's locals) that only a garbage collection would free, which
+    takes a tenth of a second or more, so the weights move to the meta device (a quantized base's, which may not,
+    wait for the collection)."""
+    leaving = ([base.vae] if latents_cached else []) + (list(base.text_encoders) if text_cached else [])
+    if sampling:
+        for m in leaving:
+            m.to("cpu")
+    else:
+        if latents_cached:
             base.vae = None
-    if text_cached:
-        for te in base.text_encoders:
-            te.to("cpu")
-        if not sampling:
+        if text_cached:
             base.text_encoders = [None] * len(base.text_encoders)
-    gc.collect()
+        if quantized:
+            import gc
+
+            gc.collect()
+        else:
+            for m in leaving:
+                m.to("meta")
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
