@@ -7,6 +7,7 @@ a resumed or multi-process run sees exactly the noise and timesteps a single uni
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import random
@@ -113,10 +114,11 @@ def train(cfg: TrainConfig, *, progress: bool = False) -> TrainResult:
     # One loader for the whole run, so that its workers (--num-workers) start once, not every epoch (and none when a
     # resumed run is at its last step already). Pinned memory on CUDA: the batches copy while the GPU computes.
     rank = accelerator.process_index
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=_batches(plan, micro, rank), collate_fn=collate,
+    sampled, seen = itertools.tee(_batches(plan, micro, rank))  # (the loader runs ahead; the loop names each batch)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampled, collate_fn=collate,
                                          num_workers=cfg.num_workers, pin_memory=accelerator.device.type == "cuda",
                                          worker_init_fn=_worker_ignores_signals)
-    steps = zip(_batches(plan, micro, rank), loader, strict=True) if run.step < total_steps else ()
+    steps = zip(seen, loader, strict=True) if run.step < total_steps else ()
     with signals(run):
         for slots, batch in steps:
             run.epoch = micro // micro_per_epoch
