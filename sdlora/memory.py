@@ -200,6 +200,6 @@ def estimate(cfg: TrainConfig, images: int = 0, bucket: tuple[int, int] | None =
                          if latents_cached and not cfg.cache_dir else 0),
         "text cache": images * 77 * sum(hidden) * 4 if text_cached else 0,
     }
-    where = f"{family} architecture of {Path(str(cfg.base)).name}, batch {cfg.batch_size} at {width}x{height}, " + (
-        f"{precision} on CUDA" if on_cuda else f"{'fp32' if precision == 'no' else precision} on the CPU")
+    where = (f"{family} architecture of {Path(str(cfg.base)).name}, batch {cfg.batch_size} at {width}x{height}, "
+             f"{'fp32' if precision == 'no' else precision} on {'CUDA' if on_cuda else 'the CPU'}")
     return Estimate(parts, where)
