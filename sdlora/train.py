@@ -79,8 +79,7 @@ def train(cfg: TrainConfig, *, progress: bool = False) -> TrainResult:
     optimizer_cls = _optimizer_class(cfg.optimizer)
     base_params, params = _load_and_inject(run)
     dataset, plan = _dataset_and_caches(run)
-    micro_per_epoch = plan.batches_per_epoch
-    total_steps = cfg.steps or math.ceil(cfg.epochs * micro_per_epoch / cfg.grad_accum)
+    total_steps = cfg.steps or math.ceil(cfg.epochs * plan.batches_per_epoch / cfg.grad_accum)
     unet, text_encoders, models = _optimizer_and_prepare(run, optimizer_cls, params, total_steps)
     run.params = params
     if cfg.ema_decay is not None:  # fp32 copies on the device, as the LoRA weights are
@@ -98,10 +97,20 @@ def train(cfg: TrainConfig, *, progress: bool = False) -> TrainResult:
         hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat_config(cfg).items()}
         run.accelerator.init_trackers("tensorboard", config=hparams)
 
-    # The loop: noise -> predict -> loss -> step, over this process's share of each epoch's global batches.
+    loop_seconds = _loop(run, dataset, plan, unet, text_encoders, models, total_steps, progress)
+
+    blob = _finish(run)
+    return TrainResult(run.final_path, run.name, run.step, loop_seconds, sum(p.numel() for p in params), base_params,
+                       len(blob), time.time() - run.started, [r[1] for r in run.rows], run.samples, run.skipped)
+
+
+def _loop(run: Run, dataset: TrainDataset, plan: EpochPlan, unet, text_encoders, models, total_steps: int,
+          progress: bool) -> float:
+    """noise -> predict -> loss -> step, over this process's share of each epoch's global batches, until
+    `total_steps` or an interrupt (which saves); returns the loop's seconds."""
     from tqdm.auto import tqdm
 
-    accelerator, base = run.accelerator, run.base
+    cfg, accelerator, base = run.cfg, run.accelerator, run.base
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     noise_scheduler = base.noise_scheduler()
     bar = tqdm(total=total_steps, initial=run.step, disable=not (progress and run.main), unit="step", dynamic_ncols=True)
@@ -121,7 +130,7 @@ def train(cfg: TrainConfig, *, progress: bool = False) -> TrainResult:
     steps = zip(seen, loader, strict=True) if run.step < total_steps else ()
     with signals(run):
         for slots, batch in steps:
-            run.epoch = micro // micro_per_epoch
+            run.epoch = micro // plan.batches_per_epoch
             torch.manual_seed(seeded(cfg.seed, "step", micro, rank))  # LoRA dropout
             if cfg.train_weight_min is not None:
                 lora.set_weight([base.unet, *base.text_encoders], step_weight(cfg, run.step))
@@ -132,7 +141,7 @@ def train(cfg: TrainConfig, *, progress: bool = False) -> TrainResult:
                 accum_losses.append(loss.detach())
                 step_items += [s.item for s in slots]
                 if accelerator.sync_gradients:
-                    optimizer_step(run, params, accum_losses, step_items)
+                    optimizer_step(run, run.params, accum_losses, step_items)
             micro += 1
             if accelerator.sync_gradients:
                 _end_of_step(run, accum_losses, bar, total_steps)
@@ -145,9 +154,12 @@ def train(cfg: TrainConfig, *, progress: bool = False) -> TrainResult:
                     save_and_stop(run)
     del steps, loader  # (its workers stop)
     bar.close()
-    loop_seconds = time.time() - loop_started
+    return time.time() - loop_started
 
-    # The final samples, adapter and logs.
+
+def _finish(run: Run) -> bytes:
+    """The final samples, adapter, state and logs, and the selection report; returns the adapter's bytes."""
+    cfg = run.cfg
     if cfg.sample_prompt:
         run.samples += write_samples(run)
     blob = adapter_blob(run)
@@ -161,15 +173,14 @@ def train(cfg: TrainConfig, *, progress: bool = False) -> TrainResult:
         write_sidecars(run)
         write_csv(run.out / "logs" / "loss.csv", run.rows)
         plot_loss(run.out / "loss.png", run.rows)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    run.accelerator.wait_for_everyone()
+    run.accelerator.end_training()
     if cfg.report and run.main:
         from .report import make_report
 
         rec = make_report(run.out, run.name)["recommended"]
         log.info(f"selection report: {run.out / 'report.html'}; recommended {rec['file']} at weight {rec['weight']:g}")
-    return TrainResult(run.final_path, run.name, run.step, loop_seconds, sum(p.numel() for p in params), base_params,
-                       len(blob), time.time() - run.started, [r[1] for r in run.rows], run.samples, run.skipped)
+    return blob
 
 
 def _worker_ignores_signals(_worker: int) -> None:
