@@ -315,6 +315,7 @@ def _run_commands(command) -> None:
     p.add_argument("--json", action="store_true", help="Print the report as JSON.")
     p.set_defaults(func=cmd_report)
 
+
 def _studio_commands(command) -> None:
     """generate and webui: the blend studio."""
     studio = StudioConfig()
@@ -362,6 +363,7 @@ def _studio_commands(command) -> None:
     p.add_argument("--data-root", type=Path, help="Turn on the Train tab: the folder holding your training-image "
                    "folders, the only place it reads training data from (runs go to --output-dir).")
     p.set_defaults(func=cmd_webui)
+
 
 def _workshop_commands(command) -> None:
     """inspect, convert, merge, resize, extract, bake and analyze: the LoRA workshop."""
@@ -445,6 +447,7 @@ def _workshop_commands(command) -> None:
     p.add_argument("--plot", type=Path, metavar="DIR", help="Write spectra and the phi map as PNG into DIR.")
     p.add_argument("--base", help="The base the LoRAs were made for, for custom architectures.")
     p.set_defaults(func=cmd_analyze)
+
 
 def _demo_command(command) -> None:
     """demo: the toy world's style LoRA, trained and measured."""

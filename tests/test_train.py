@@ -613,7 +613,6 @@ def test_compile_wraps_the_unet_and_trains_the_same_adapter(tmp_path, dataset, m
     assert "first step, with torch.compile's compilation" in caplog.text
 
 
-
 def test_worker_processes_start_once_and_train_what_the_main_process_does(tmp_path, dataset, monkeypatch):
     """--num-workers: one loader for the whole run (its workers are not started again each epoch), and the images
     they prepare, random crops and flips included, are the ones the main process would: the same adapter."""
