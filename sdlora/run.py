@@ -50,6 +50,7 @@ class Run:
     quantize_backend: str = ""  # the library that quantized the base (--quantize-backend resolved for the device)
     trained_tes: list[int] = field(default_factory=list)  # indices of the text encoders that get LoRA
     targets: dict[str, list[str]] = field(default_factory=dict)  # component -> module paths with LoRA
+    adapted: list = field(default_factory=list)  # those modules (lora.adapted_layers), to set their weight
     optimizer: Any = None
     scheduler: Any = None
     step: int = 0
@@ -237,7 +238,7 @@ def write_samples(run: Run) -> list[Path]:
     for m in encoders:
         m.to(run.accelerator.device)
     pipe = base.pipeline()
-    lora.set_weight([base.unet, *base.text_encoders], cfg.train_weight)  # (a step of a weight range may have moved it)
+    lora.set_weight(run.adapted, cfg.train_weight)  # (a step of a weight range may have moved it)
     was_training = base.unet.training
     base.unet.eval()
     paths = []

@@ -133,7 +133,7 @@ def _loop(run: Run, dataset: TrainDataset, plan: EpochPlan, unet, text_encoders,
             run.epoch = micro // plan.batches_per_epoch
             torch.manual_seed(seeded(cfg.seed, "step", micro, rank))  # LoRA dropout
             if cfg.train_weight_min is not None:
-                lora.set_weight([base.unet, *base.text_encoders], step_weight(cfg, run.step))
+                lora.set_weight(run.adapted, step_weight(cfg, run.step))
             with accelerator.accumulate(*models):
                 loss = batch_loss(batch, base, unet, text_encoders, noise_scheduler, cfg, accelerator.device,
                                   weight_dtype, run.text_cache, run.trains_text)
@@ -305,8 +305,9 @@ def _load_and_inject(run: Run) -> tuple[int, list[torch.nn.Parameter]]:
         for p in run.pivot.parameters():
             p.requires_grad_(True)
         params += run.pivot.parameters()
+    run.adapted = lora.adapted_layers([base.unet, *base.text_encoders])
     if cfg.train_weight != 1:
-        lora.set_weight([base.unet, *base.text_encoders], cfg.train_weight)
+        lora.set_weight(run.adapted, cfg.train_weight)
     if cfg.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
         for i in run.text_models:

@@ -149,12 +149,12 @@ def test_set_weight_scales_every_layers_update_of_every_kind_in_the_unet_and_tex
                 p.data = torch.randn(p.shape, generator=g) * 0.1  # peft starts some factors at zero
     for model in (unet, te):
         layers = [m for m in model.modules() if isinstance(m, (LoraLayer, LycorisLayer))]
-        assert len(layers) > 4
+        assert len(layers) > 4 and lora.adapted_layers([model, None]) == layers
         inputs = [torch.randn((2, m.get_base_layer().in_features) if isinstance(m.get_base_layer(), torch.nn.Linear)
                               else (1, m.get_base_layer().in_channels, 8, 8), generator=g) for m in layers]
 
         def updates(weight, layers=layers, inputs=inputs, model=model):
-            lora.set_weight([model, None], weight)
+            lora.set_weight(lora.adapted_layers([model, None]), weight)
             with torch.no_grad():
                 return [m(x) - m.get_base_layer()(x) for m, x in zip(layers, inputs, strict=True)]
 
