@@ -418,7 +418,7 @@ def _workshop_commands(command) -> None:
     p.add_argument("--tuned", required=True, help="The fine-tuned model.")
     p.add_argument("--base-config", help="For single-file models: diffusers folder or Hub id with their configs.")
     p.add_argument("--rank", type=int, required=True, help="Rank of the linear modules.")
-    p.add_argument("--conv-rank", type=int, help="Also extract the UNet's convolutions (LoCon) at this rank.")
+    p.add_argument("--conv-rank", type=int, help="Also extract the UNet's 3x3 convolutions (LoCon) at this rank (1x1 ones take --rank).")
     p.add_argument("--out", type=Path, required=True, help="The extracted LoRA (.safetensors).")
     p.add_argument("--overwrite", action="store_true", help="Replace --out if it exists.")
     p.set_defaults(func=cmd_extract)

@@ -126,6 +126,26 @@ def test_extract_recovers_a_fused_lora(tmp_path):
     assert any(len(u.shape) == 4 for u in result.updates)  # the convolutions came out as LoCon
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_extract_from_a_half_precision_fine_tune_takes_its_changes_not_its_rounding(tmp_path, dtype):
+    """A fine-tune saved in fp16/bf16 that changed two modules, one a 1x1 convolution (SD 1.x's proj_in), against
+    its fp32 base and without --conv-rank: exactly those two come out, the 1x1 one at the linear rank."""
+    build_tiny("tiny-sd").pipeline().save_pretrained(tmp_path / "base")
+    tuned = build_tiny("tiny-sd")
+    g = torch.Generator().manual_seed(4)
+    changed = ["down_blocks.0.attentions.0.proj_in", "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"]
+    with torch.no_grad():
+        for path in changed:
+            w = tuned.unet.get_submodule(path).weight
+            w += (torch.randn(w.shape[0], 2, generator=g) @ torch.randn(2, w[0].numel(), generator=g)).reshape(w.shape)
+    assert isinstance(tuned.unet.get_submodule(changed[0]), torch.nn.Conv2d)
+    tuned.pipeline().to(dtype).save_pretrained(tmp_path / "tuned")
+    result = extract(str(tmp_path / "base"), str(tmp_path / "tuned"), rank=2)
+    assert sorted(u.path for u in result.updates) == changed
+    assert {r["rank"] for r in result.rows} == {2}
+    assert max(r["relative_error"] for r in result.rows) < 0.02  # (the rounding of the changed weights)
+
+
 def test_analyze_finds_a_known_rank_and_phi_is_one_on_identical_adapters(tmp_path):
     """Rank-8 factors whose product has rank 3 with equal singular values: 90% and 99% of the energy need 3."""
     g = torch.Generator().manual_seed(0)

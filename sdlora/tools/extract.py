@@ -3,7 +3,9 @@ its base, say), module by module: ΔW = W_tuned - W_base, reduced by SVD to the 
 
 The modules are those LoRA training targets (kohya's set: attention, projections and feed-forward of the UNet's
 transformers, attention and MLP of the text encoders) and, with a conv rank, the resnet and sampler convolutions
-(LoCon). A module the fine-tune left unchanged is left out.
+(LoCon). 1x1 convolutions (SD 1.x's transformer projections) are matrices and take the rank of the linear layers.
+A module the fine-tune left unchanged is left out; a fine-tune stored in fp16 or bf16 is compared with the base
+rounded the same way, so that rounding is not extracted as a change.
 """
 
 from __future__ import annotations
@@ -52,10 +54,11 @@ def extract(base: str, tuned: str, rank: int, conv_rank: int | None = None, base
             if w_a.shape != w_b.shape:
                 raise ModelError(f"{component}.{path} is {tuple(w_a.shape)} in {base} and {tuple(w_b.shape)} in "
                                  f"{tuned}: not the same architecture")
-            delta = w_b - w_a
+            stored = _stored_precision(w_b)
+            delta = w_b - (w_a if stored is None else w_a.to(stored).float())
             if float(delta.norm()) <= UNCHANGED * float(w_a.norm()):
                 continue
-            r = conv_rank if w_a.dim() == 4 else rank
+            r = conv_rank if w_a.dim() == 4 and w_a.shape[-2:] != (1, 1) else rank
             probe = Update(component, path, tuple(w_a.shape))
             check_rank(probe, r)
             down, up, _, r, err = low_rank(delta, r)
@@ -67,6 +70,14 @@ def extract(base: str, tuned: str, rank: int, conv_rank: int | None = None, base
                             sdlora_extract_rank=str(rank), sdlora_extract_conv_rank=str(conv_rank or 0))
     meta["ss_base_model_version"] = BASE_VERSION.get((a.family, a.prediction_type), a.family)
     return ExtractResult(updates, rows, a.family, a.unet.config, meta)
+
+
+def _stored_precision(w: torch.Tensor) -> torch.dtype | None:
+    """fp16 or bf16 when every value of `w` is one of theirs (a model saved in that precision), else None."""
+    for dtype in (torch.bfloat16, torch.float16):  # (bf16 first: most bf16 values are fp16 values too)
+        if torch.equal(w.to(dtype).float(), w):
+            return dtype
+    return None
 
 
 def write_extract(result: ExtractResult, out: Path, overwrite: bool = False) -> Path:
