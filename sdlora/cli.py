@@ -62,7 +62,10 @@ def cmd_doctor(ns: argparse.Namespace) -> int:
     folder = Path(cfg.data.data) if cfg.data.data else Path(".")
     report = diagnose(cfg, sheet=ns.sheet or cfg.output_dir / f"doctor-{folder.resolve().name}.png")
     print(json.dumps(report.to_json(), indent=2) if ns.json else report.text())
-    return 0
+    empty = [f for f, scan in ((cfg.data.data, report.scan), (cfg.data.reg_data, report.reg)) if scan and not scan.items]
+    for folder in empty:  # the report above says why; a script checking before it trains sees the exit code
+        print(f"error: no usable image in {folder}: train would refuse it", file=sys.stderr)
+    return 2 if empty else 0
 
 
 def cmd_report(ns: argparse.Namespace) -> int:

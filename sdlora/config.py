@@ -161,7 +161,8 @@ class TrainConfig:
     quantize_backend: str = opt("auto", "Library that quantizes the base: auto is bitsandbytes when installed, else torchao.", choices=QUANTIZE_BACKENDS)
     output_dir: Path = opt(OUTPUTS, "Folder for the adapter, checkpoints, samples and logs.")
     name: str = opt("", "Adapter name (default: the data folder's name).")
-    overwrite: bool = opt(False, "Replace an existing adapter of the same name instead of refusing.")
+    overwrite: bool = opt(False, "Replace an existing adapter of the same name (and an earlier run's checkpoints and "
+                                 "states) instead of refusing.")
     steps: int = opt(0, "Optimizer steps to train (0: use --epochs).")
     epochs: int = opt(1, "Epochs to train when --steps is 0.")
     batch_size: int = opt(1, "Images per batch per process.")

@@ -21,7 +21,7 @@ from .config import TrainConfig
 from .data.captions import split_tags
 from .data.scan import CAPTION_EXTS, ScanReport, scan_folder
 from .errors import DataError
-from .models import native_size
+from .models import base_kind, native_size
 
 DUPLICATE_BITS = 4  # difference hashes (64 bits) this close are near-duplicates: resized, re-encoded or recoloured
 WORST_CROPS = 8  # images on the contact sheet
@@ -29,7 +29,9 @@ WORST_CROPS = 8  # images on the contact sheet
 
 def fit_to_base(cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
     """The options with a resolution and bucket step left at 0 fitted to the base (its native size, read from its
-    configs without loading it), and one line for each default saying where its value came from."""
+    configs without loading it), and one line for each default saying where its value came from. A --base that
+    names no model is refused here, before the data is scanned."""
+    base_kind(cfg.base)
     if cfg.data.resolution and cfg.data.bucket_step:
         return cfg, []
     native, why = (0, "") if cfg.data.resolution else native_size(

@@ -80,32 +80,19 @@ def load_base(spec: str, *, prediction_type: str | None = None, seed: int = 0, c
     """Load the base named by `spec`: a built-in, a diffusers folder, a .safetensors file or a Hub id.
     `config` (a diffusers folder or Hub id) gives a single-file checkpoint its component configs and tokenizer."""
     spec = str(spec)
-    if spec == "toy":
+    kind = base_kind(spec)
+    if kind == "toy":
         from .toy.base import load_toy
 
         base = Base("toy", "sd1", "epsilon", *load_toy())
-    elif spec in BUILTINS:
+    elif kind == "tiny":
         base = build_tiny(spec, seed=seed)
+    elif kind == "folder":
+        base = _load_folder(Path(spec).expanduser())
+    elif kind == "file":
+        base = _load_single_file(Path(spec).expanduser(), config, prediction_type)
     else:
-        path = Path(spec).expanduser()
-        if path.is_dir():
-            base = _load_folder(path)
-        elif path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
-            raise ModelError(
-                f"{path}: {path.suffix} checkpoints are pickled and can run code when loaded; sdlora only reads "
-                ".safetensors. Convert it with a trusted tool, or download the .safetensors version."
-            )
-        elif path.suffix.lower() == ".safetensors":
-            if not path.is_file():
-                raise ModelError(f"base model file not found: {path}")
-            base = _load_single_file(path, config, prediction_type)
-        elif _looks_like_hub_id(spec) and not path.exists():
-            base = _load_hub(spec)
-        else:
-            raise ModelError(
-                f"base model {spec!r} not found: give a diffusers folder (with model_index.json), a .safetensors "
-                f"checkpoint, a Hub id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5', or one of {', '.join(BUILTINS)}"
-            )
+        base = _load_hub(spec)
     if prediction_type and prediction_type != base.prediction_type:
         base.prediction_type = prediction_type
         # The sampling scheduler too: samples, the studio and every sampler are built from its config.
@@ -114,6 +101,32 @@ def load_base(spec: str, *, prediction_type: str | None = None, seed: int = 0, c
 
 
 FAMILY_SIZES = {"sd1": 512, "sd2": 768, "sdxl": 1024}  # SD 2.x: 768 for the v models, 512 for 2.x-base
+
+
+def base_kind(spec: str) -> str:
+    """What `spec` names, found without loading anything: "toy", "tiny" (a built-in test model), "folder" (a
+    diffusers folder), "file" (a single-file .safetensors checkpoint) or "hub" (a Hub id). Raises ModelError,
+    saying what to give, when it names none of them, so that a mistyped --base stops a run before its data is
+    scanned."""
+    if spec == "toy":
+        return "toy"
+    if spec in BUILTINS:
+        return "tiny"
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return "folder"
+    if path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
+        raise ModelError(f"{path}: {path.suffix} checkpoints are pickled and can run code when loaded; sdlora only "
+                         "reads .safetensors. Convert it with a trusted tool, or download the .safetensors version.")
+    if path.suffix.lower() == ".safetensors":
+        if not path.is_file():
+            raise ModelError(f"base model file not found: {path}")
+        return "file"
+    if _looks_like_hub_id(spec) and not path.exists():
+        return "hub"
+    raise ModelError(f"base model {spec!r} not found: give a diffusers folder (with model_index.json), a .safetensors "
+                     "checkpoint, a Hub id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5', or one of "
+                     f"{', '.join(BUILTINS)}")
 
 
 def native_size(spec: str, *, prediction_type: str | None = None, download: bool = False) -> tuple[int, str]:

@@ -76,6 +76,8 @@ def train(cfg: TrainConfig, *, progress: bool = False) -> TrainResult:
         raise ConfigError(f"{run.final_path} already exists; pass another --name or --output-dir, or --overwrite to "
                           "replace it" if resume_from is None else f"{run.final_path} already exists and the resumed "
                           "run would replace it; pass --overwrite to allow that, or copy it away first")
+    if resume_from is None:
+        _earlier_run(run)
     optimizer_cls = _optimizer_class(cfg.optimizer)
     base_params, params = _load_and_inject(run)
     dataset, plan = _dataset_and_caches(run)
@@ -181,6 +183,25 @@ def _finish(run: Run) -> bytes:
         rec = make_report(run.out, run.name)["recommended"]
         log.info(f"selection report: {run.out / 'report.html'}; recommended {rec['file']} at weight {rec['weight']:g}")
     return blob
+
+
+def _earlier_run(run: Run) -> None:
+    """A fresh run into a folder that holds checkpoints or states of an earlier run of the same name (one that was
+    interrupted, say) would mix the two runs' files and lose the earlier one's resume point: refused, unless
+    --overwrite, which removes them so that the folder holds one run."""
+    pattern = re.compile(rf"^{re.escape(run.name)}-step\d{{6,}}\.safetensors$")
+    earlier = states(run.out, run.name) + sorted(p for p in run.out.glob("*.safetensors") if pattern.match(p.name))
+    if not earlier:
+        return
+    if not run.cfg.overwrite:
+        raise ConfigError(f"{run.out} holds checkpoints or saved states of an earlier run named {run.name!r} "
+                          f"({', '.join(p.name for p in earlier[:2])}{' ...' if len(earlier) > 2 else ''}): pass "
+                          "--resume latest to continue it, another --name or --output-dir to keep both, or "
+                          "--overwrite to replace that run")
+    if run.main:
+        for p in earlier:
+            p.unlink()
+        log.info(f"--overwrite: removed the {len(earlier)} checkpoints and states of the earlier run {run.name!r}")
 
 
 def _worker_ignores_signals(_worker: int) -> None:

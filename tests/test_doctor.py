@@ -86,10 +86,14 @@ def test_doctor_reports_each_known_problem_and_loads_no_model(tmp_path, capsys, 
 def test_doctor_text_and_an_empty_folder(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     draw_shape((8, 8)).save(tmp_path / "empty" / "tiny.png")
-    assert main(["doctor", str(tmp_path / "empty"), "--base", "toy", "--output-dir", str(tmp_path / "o")]) == 0
-    out = capsys.readouterr().out
+    # the report, and the exit code train would give (a script checking before it trains sees it)
+    assert main(["doctor", str(tmp_path / "empty"), "--base", "toy", "--output-dir", str(tmp_path / "o")]) == 2
+    out, err = capsys.readouterr()
     assert "1 images found, 0 used, 1 skipped" in out and "skipped tiny.png: too small" in out
     assert "resolution 32 px: the toy base's native size" in out
+    assert f"no usable image in {tmp_path / 'empty'}: train would refuse it" in err
+    assert main(["doctor", str(tmp_path / "empty"), "--base", "toyy"]) == 2
+    assert "base model 'toyy' not found" in capsys.readouterr().err
 
 
 def test_memory_estimate_is_within_30_percent_of_a_measured_run(tmp_path):

@@ -206,11 +206,46 @@ def test_samples_and_intermediate_saves(tmp_path, dataset):
     assert (out / "s-step000002.safetensors").is_file() and (out / "s.preview.png").is_file()
 
 
+def test_a_fresh_run_keeps_an_earlier_runs_checkpoints_and_states_unless_overwrite(tmp_path, dataset, capsys):
+    """An interrupted run leaves checkpoints and states but no final adapter; a fresh run of the same name would
+    replace its resume point and mix the two runs' checkpoints."""
+    out = tmp_path / "o"
+    args = ["train", "--data", str(dataset), "--resolution", "64", "--save-every", "2", "--output-dir", str(out)]
+    assert main([*args, "--steps", "4"]) == 0
+    (out / "data.safetensors").unlink()  # as if it had stopped after step 4
+    before = {p: p.read_bytes() for p in [*out.glob("data-step*.safetensors"), *(out / "state").iterdir()]}
+    assert len(before) == 3  # the step-2 checkpoint, the step-2 and step-4 states
+    capsys.readouterr()
+    assert main([*args, "--steps", "2", "--lr", "5e-4"]) == 2
+    err = capsys.readouterr().err
+    assert "earlier run named 'data'" in err and "--resume latest" in err
+    assert all(p.read_bytes() == b for p, b in before.items())
+    assert main([*args, "--steps", "3", "--lr", "5e-4", "--overwrite"]) == 0  # one run in the folder again
+    assert sorted(p.name for p in out.glob("data*.safetensors")) == ["data-step000002.safetensors", "data.safetensors"]
+    assert sorted(p.name for p in (out / "state").iterdir()) == ["data-step000002.state.safetensors",
+                                                                 "data-step000003.state.safetensors"]
+    assert (out / "data-step000002.safetensors").read_bytes() != before[out / "data-step000002.safetensors"]
+
+
+def test_no_usable_image_names_why(tmp_path, capsys):
+    from PIL import Image
+
+    (tmp_path / "d").mkdir()
+    for i in range(3):
+        Image.new("RGB", (32, 32)).save(tmp_path / "d" / f"{i}.png")
+    assert main(["train", "--data", str(tmp_path / "d"), "--resolution", "64", "--output-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "3 file(s) skipped, for example 0.png: too small (32x32)" in err and "--upscale" in err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--data", "/nonexistent/folder"], "data folder not found: /nonexistent/folder"),
     (["--data", "{empty}"], "no usable image in"),
     (["--base", "nope/notcached", "--data", "{data}"], "not in the local Hugging Face cache"),
     (["--base", "model.ckpt", "--data", "{data}"], "only reads .safetensors"),
+    # a mistyped base is named before the data is scanned (it used to fall back to 64 px and refuse the images)
+    (["--base", "toyy", "--data", "{data}"], "base model 'toyy' not found"),
+    (["--base", "/nonexistent/model", "--data", "{data}"], "base model '/nonexistent/model' not found"),
 ])
 def test_errors_are_one_clear_line(tmp_path, dataset, capsys, argv, message):
     (tmp_path / "empty").mkdir()

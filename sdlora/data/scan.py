@@ -192,7 +192,13 @@ def scan_folder(root: Path, *, resolution: int, bucket_step: int, bucket: bool =
         report.warnings.append(f"{len(orphans)} caption file(s) have no image beside them ({_names(orphans)}); "
                                "they are not used")
     if not report.items and require:
-        why = f"; {len(report.skipped)} file(s) skipped, see the warnings" if report.skipped else ""
+        # (the warnings are logged after the scan returns: the reasons go into the error itself)
+        # One example per distinct reason (the sizes in a reason differ from image to image).
+        firsts: dict[str, str] = {}
+        for path, reason in report.skipped:
+            firsts.setdefault(reason.split(" (")[0], f"{path.name}: {reason}")
+        why = (f"; {len(report.skipped)} file(s) skipped, for example " + "; ".join(list(firsts.values())[:3])
+               if report.skipped else "")
         what = "regularisation image (--reg-data)" if reg else "image"
         raise DataError(f"no usable {what} in {root} (looked for {', '.join(IMAGE_EXTS)} recursively){why}")
     return report
