@@ -194,10 +194,13 @@ def diagnose(cfg: TrainConfig, *, sheet: Path | None = None, processes: int = 1,
     d = cfg.data
     if d.data is None:
         raise DataError("no training data: pass --data FOLDER (or `data = \"...\"` in the config file)")
+    made = (cfg.output_dir, cfg.cache_dir)  # (a run started from inside its data folder writes there)
     scan = scan_folder(d.data, resolution=d.resolution, bucket_step=d.bucket_step, bucket=d.bucket,
-                       upscale=d.upscale, default_caption=d.default_caption, trigger=d.trigger, require=require)
+                       upscale=d.upscale, default_caption=d.default_caption, trigger=d.trigger, require=require,
+                       exclude=made)
     reg = None if d.reg_data is None else scan_folder(d.reg_data, resolution=d.resolution, bucket_step=d.bucket_step,
-                                                       bucket=d.bucket, upscale=d.upscale, reg=True, require=require)
+                                                       bucket=d.bucket, upscale=d.upscale, reg=True, require=require,
+                                                       exclude=made)
     report = DatasetReport(Path(d.data), scan, cfg, defaults, processes=processes, reg=reg)
     if d.validation_split and scan.items:
         scan.items, report.held_out = split_validation(scan.items, d.validation_split, cfg.seed)

@@ -96,6 +96,24 @@ def test_doctor_text_and_an_empty_folder(tmp_path, capsys):
     assert "base model 'toyy' not found" in capsys.readouterr().err
 
 
+def test_a_run_started_inside_its_data_folder_does_not_train_on_its_own_outputs(tmp_path, capsys):
+    """The default --output-dir is ./outputs: from inside the data folder, the samples, previews, loss plot and
+    contact sheet a run writes would be counted as training images the next time."""
+    root = tmp_path / "d"
+    root.mkdir()
+    for i in range(2):
+        smooth(i).save(root / f"{i}.png")
+        (root / f"{i}.txt").write_text("sks")
+    (root / "outputs" / "samples").mkdir(parents=True)
+    smooth(9).save(root / "outputs" / "samples" / "x.png")
+    smooth(9).save(root / "cache.png")
+    (root / "cache").mkdir()
+    smooth(9).save(root / "cache" / "y.png")
+    args = ["doctor", str(root), "--base", "toy", "--output-dir", str(root / "outputs"), "--cache-dir", str(root / "cache")]
+    assert main(args) == 0
+    assert "3 images found, 3 used" in capsys.readouterr().out  # 0.png, 1.png and cache.png (a file, not the folder)
+
+
 def test_memory_estimate_is_within_30_percent_of_a_measured_run(tmp_path):
     """A short tiny-sd run in a child process at a size where activations dominate: its peak resident memory during
     the training steps, above what it held just before the first step, against the doctor's estimate. glibc is

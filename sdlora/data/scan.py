@@ -128,9 +128,11 @@ def image_size(path: Path) -> tuple[int, int]:
 
 
 def scan_folder(root: Path, *, resolution: int, bucket_step: int, bucket: bool = True, upscale: bool = False,
-                default_caption: str = "", trigger: str = "", reg: bool = False, require: bool = True) -> ScanReport:
+                default_caption: str = "", trigger: str = "", reg: bool = False, require: bool = True,
+                exclude: tuple[Path | None, ...] = ()) -> ScanReport:
     """The usable images of `root` and why the others are not; raises DataError when none is usable (unless not
-    `require`: the dataset doctor reports an empty result too)."""
+    `require`: the dataset doctor reports an empty result too). Folders in `exclude` (the run's outputs and cache,
+    which may lie inside `root` when a run starts from the data folder) are passed over."""
     root = Path(root)
     if not root.exists():
         raise DataError(f"data folder not found: {root}")
@@ -139,7 +141,10 @@ def scan_folder(root: Path, *, resolution: int, bucket_step: int, bucket: bool =
     report = ScanReport(root)
     uncaptioned: list[Path] = []
     empty: list[Path] = []
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    skip = [e for e in (Path(e).resolve() for e in exclude if e is not None) if e.is_relative_to(root.resolve())]
+    files = sorted(p for p in root.rglob("*") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts)
+                   and not any(p.resolve().is_relative_to(e) for e in skip))
     real_root = root.resolve()
     for path in files:
         if path.suffix.lower() not in IMAGE_EXTS:
