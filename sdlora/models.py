@@ -85,7 +85,9 @@ def load_base(spec: str, *, prediction_type: str | None = None, seed: int = 0, c
         from .toy.base import load_toy
 
         base = Base("toy", "sd1", "epsilon", *load_toy())
-    elif kind == "tiny":
+    elif kind == "tiny":  # (the default --base: say so, or a user who forgot --base trains on noise unawares)
+        log.warning(f"base {spec}: a tiny model with random weights, for trying sdlora out and for tests; what is "
+                    "trained or generated on it is of no use on a real model: pass --base with your model")
         base = build_tiny(spec, seed=seed)
     elif kind == "folder":
         base = _load_folder(Path(spec).expanduser())
