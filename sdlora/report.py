@@ -30,6 +30,7 @@ log = logging.getLogger("sdlora")
 WEIGHTS = (0.0, 0.5, 0.75, 1.0)
 VALIDATION_USES = 4  # fixed (timestep, noise) draws per held-out image
 CONTENT_SLACK = 0.1  # a toy cell may lose this much of weight 0's colour-and-shape accuracy, no more
+STYLE_GAIN = 0.01  # a toy style score must rise this far above weight 0's to choose a cell
 
 
 def run_config(run_dir: Path, name: str | None = None) -> tuple[str, TrainConfig]:
@@ -184,8 +185,10 @@ def _score_and_pick(cells: list[dict], toy: bool, validation: bool) -> dict:
         for c in cells:
             c["style"], c["style_name"] = c["styles"][style], style
         floor = {c["step"]: c["content"] for c in cells if c["weight"] == 0}
+        unstyled = {c["step"]: c["style"] for c in cells if c["weight"] == 0}
         ok = [c for c in cells if c["weight"] > 0 and c["content"] >= floor[c["step"]] - CONTENT_SLACK]
-        if ok:
+        # A style no cell raises above the base's (an adapter barely trained) cannot choose: every cell ties.
+        if any(c["style"] > unstyled[c["step"]] + STYLE_GAIN for c in ok):
             pick = max(ok, key=lambda c: (round(c["style"], 6), -c["step"], -c["weight"]))
             why = (f"the highest {style} style score ({pick['style']:.3f}) whose colour and shape accuracy "
                    f"({pick['content']:.3f}) stays within {CONTENT_SLACK} of the base's ({floor[pick['step']]:.3f})")

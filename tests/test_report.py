@@ -115,6 +115,20 @@ def test_validation_loss_picks_the_checkpoint_before_it_rises():
     assert any("validation loss" in u for u in none["unavailable"])
 
 
+def test_a_style_no_cell_raises_cannot_choose():
+    """A barely trained toy run: every style score is the base's, so the tie-break (earliest step, lowest weight)
+    must not pick a checkpoint at half weight; the validation loss chooses, or else the final adapter at 1."""
+    cells = [{"step": s, "file": f"r{s}", "weight": w, "styles": {"rim": 0.0, "stripes": 0.0}, "content": 1.0,
+              "validation_loss": {0.0: 0.5, 0.5: 0.45, 1.0: 0.4}[w]} for s in (10, 20) for w in (0.0, 0.5, 1.0)]
+    pick = _score_and_pick(cells, toy=True, validation=False)["recommended"]
+    assert (pick["file"], pick["weight"]) == ("r20", 1.0) and "no score" in pick["why"]
+    pick = _score_and_pick(cells, toy=True, validation=True)["recommended"]
+    assert (pick["file"], pick["weight"]) == ("r20", 1.0) and "validation loss" in pick["why"]
+    cells[4]["styles"]["rim"] = 0.3  # step 20 at weight 0.5 raises it: the style chooses again
+    pick = _score_and_pick(cells, toy=True, validation=False)["recommended"]
+    assert (pick["file"], pick["weight"]) == ("r20", 0.5) and "style score" in pick["why"]
+
+
 def test_report_refuses_a_folder_without_a_run(tmp_path):
     from sdlora.errors import ConfigError
 
