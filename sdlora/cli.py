@@ -11,7 +11,16 @@ import typing
 from pathlib import Path
 
 from . import __version__
-from .config import DemoConfig, Params, StudioConfig, build_config, default_of, load_toml, option_fields
+from .config import (
+    SAVE_PRECISION,
+    DemoConfig,
+    Params,
+    StudioConfig,
+    build_config,
+    default_of,
+    load_toml,
+    option_fields,
+)
 from .errors import Interrupted, SdloraError
 from .schedulers import SCHEDULERS
 from .toy.render import STYLES
@@ -160,7 +169,7 @@ def cmd_merge(ns: argparse.Namespace) -> int:
     items = [Item(path, unet, te) for path, unet, te in (parse_lora_arg(a) for a in ns.loras)]
     _refuse_existing(ns.out, ns.overwrite)
     result = merge(items, rank=ns.rank, base=ns.base)
-    out = write_merge(result, ns.out, overwrite=ns.overwrite, layout=ns.format)
+    out = write_merge(result, ns.out, overwrite=ns.overwrite, layout=ns.format, precision=ns.precision)
     how = "ranks concatenated (exact)" if ns.rank is None else (
         f"rank {ns.rank} by SVD; relative error median {_median(result.errors.values()):.4f}, worst "
         f"{max(result.errors.values()):.4f}")
@@ -173,7 +182,7 @@ def cmd_resize(ns: argparse.Namespace) -> int:
 
     _refuse_existing(ns.out, ns.overwrite)
     result = resize(ns.input, rank=ns.rank, energy=ns.energy, base=ns.base)
-    out = write_resize(result, ns.out, overwrite=ns.overwrite)
+    out = write_resize(result, ns.out, overwrite=ns.overwrite, precision=ns.precision)
     errors = [r["relative_error"] for r in result.rows]
     ranks = [r["rank_after"] for r in result.rows]
     for r in result.rows if ns.verbose else []:
@@ -368,6 +377,11 @@ def _studio_commands(command) -> None:
     p.set_defaults(func=cmd_webui)
 
 
+def _precision_option(p, default: str) -> None:
+    p.add_argument("--precision", choices=SAVE_PRECISION, help=f"Precision of the saved factors (default: {default}; "
+                   "alphas stay fp32).")
+
+
 def _workshop_commands(command) -> None:
     """inspect, convert, merge, resize, extract, bake and analyze: the LoRA workshop."""
     p = command("inspect", help="Show what a LoRA file is: format, family, modules, rank, metadata, hashes.",
@@ -397,6 +411,7 @@ def _workshop_commands(command) -> None:
     p.add_argument("--base", help="The base the LoRAs were made for, for custom architectures (default: the "
                                   "full-size layout of their family).")
     p.add_argument("--format", choices=("kohya", "diffusers"), default="kohya", help="Output layout (default: kohya).")
+    _precision_option(p, "the LoRAs' own, fp32 when they differ; only fp32 keeps a concatenation exact")
     p.add_argument("--overwrite", action="store_true", help="Replace --out if it exists.")
     p.set_defaults(func=cmd_merge)
 
@@ -411,6 +426,7 @@ def _workshop_commands(command) -> None:
     p.add_argument("--out", type=Path, required=True, help="The resized LoRA (.safetensors).")
     p.add_argument("--base", help="The base the LoRA was made for, for custom architectures.")
     p.add_argument("--verbose", action="store_true", help="Print every module's rank and error.")
+    _precision_option(p, "the input's")
     p.add_argument("--overwrite", action="store_true", help="Replace --out if it exists.")
     p.set_defaults(func=cmd_resize)
 
@@ -436,7 +452,7 @@ def _workshop_commands(command) -> None:
     p.add_argument("--out", type=Path, required=True, help="The model file (.safetensors) or folder.")
     p.add_argument("--format", choices=("single", "diffusers"), default="single",
                    help="single: one .safetensors in the original layout (default); diffusers: a diffusers folder.")
-    p.add_argument("--precision", choices=("fp16", "bf16", "fp32"), default="fp16",
+    p.add_argument("--precision", choices=SAVE_PRECISION, default="fp16",
                    help="Precision of the saved weights (default: fp16; the merge itself runs in fp32).")
     p.add_argument("--overwrite", action="store_true", help="Replace --out if it exists.")
     p.set_defaults(func=cmd_bake)

@@ -164,9 +164,19 @@ def diffusers_adapter_metadata(ranks: dict[str, int | dict[str, int]], alphas: d
     return json.dumps(meta, indent=2, sort_keys=True)
 
 
+PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+FULL_PRECISION = (".alpha", ".dora_scale", ".lora_magnitude_vector.weight")  # the keys `cast` leaves in fp32
+
+
 def cast(tensors: dict[str, torch.Tensor], precision: str) -> dict[str, torch.Tensor]:
     """Cast LoRA matrices to the save precision; alphas stay fp32 so the scale is exact, and so do DoRA
     magnitudes (a rounded magnitude rescales the whole weight row, an error as large as the update itself)."""
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
-    keep = (".alpha", ".dora_scale", ".lora_magnitude_vector.weight")
-    return {k: (t if k.endswith(keep) else t.to(dtype)) for k, t in tensors.items()}
+    dtype = PRECISIONS[precision]
+    return {k: (t if k.endswith(FULL_PRECISION) else t.to(dtype)) for k, t in tensors.items()}
+
+
+def precision_of(tensors: dict[str, torch.Tensor]) -> str:
+    """The precision a LoRA file's matrices are stored in, as `cast` names it (fp32 when they mix)."""
+    dtypes = {t.dtype for k, t in tensors.items()
+              if t.is_floating_point() and not k.endswith(FULL_PRECISION) and not k.startswith("bundle_emb.")}
+    return next((name for name, dtype in PRECISIONS.items() if dtypes == {dtype}), "fp32")

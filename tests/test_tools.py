@@ -97,6 +97,37 @@ def test_resize_keeps_exactly_the_top_singular_directions(loras, tmp_path):
     assert any(r["rank_after"] < 4 for r in by_energy.rows)
 
 
+def test_merge_and_resize_keep_the_sources_precision_unless_told(loras, tmp_path):
+    """An fp16 LoRA resized is written in fp16 (it was written in fp32: halving the rank saved nothing); a merge of
+    fp16 files is fp16, of fp16 and fp32 fp32; --precision overrides; alphas stay fp32."""
+    from safetensors import safe_open
+
+    half, _ = write_adapter(tmp_path, "tiny-sd", "kohya", True, preset="attn", precision="fp16", seed=5, stem="h")
+    half2, _ = write_adapter(tmp_path, "tiny-sd", "kohya", True, preset="attn", precision="fp16", seed=6, stem="h2")
+
+    def dtypes(path):
+        with safe_open(str(path), "pt") as f:
+            return {str(f.get_slice(k).get_dtype()) for k in f.keys() if not k.endswith(".alpha")}
+
+    common = ["--base", "tiny-sd"]
+    assert main(["resize", str(half), "--rank", "2", "--out", str(tmp_path / "r.safetensors"), *common]) == 0
+    assert dtypes(tmp_path / "r.safetensors") == {"F16"}
+    assert main(["resize", str(half), "--rank", "2", "--out", str(tmp_path / "r32.safetensors"), "--precision", "fp32",
+                 *common]) == 0
+    assert dtypes(tmp_path / "r32.safetensors") == {"F32"}
+    sizes = [(tmp_path / f).stat().st_size for f in ("r.safetensors", "r32.safetensors")]
+    assert sizes[0] < 0.8 * sizes[1]  # (the tiny file's header, the same in both, is most of it)
+    assert main(["merge", str(half), str(half2), "--out", str(tmp_path / "m.safetensors"), *common]) == 0
+    assert dtypes(tmp_path / "m.safetensors") == {"F16"}
+    assert main(["merge", str(half), str(loras / "a.safetensors"), "--out", str(tmp_path / "mixed.safetensors"),
+                 *common]) == 0
+    assert dtypes(tmp_path / "mixed.safetensors") == {"F32"}
+    with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
+        assert {str(f.get_slice(k).get_dtype()) for k in f.keys() if k.endswith(".alpha")} == {"F32"}
+    # The fp16 file's updates come back within fp16 rounding of an fp32 resize.
+    assert max(r["relative_error"] for r in resize(half, rank=4, base="tiny-sd").rows) < 1e-5
+
+
 def test_extract_recovers_a_fused_lora(tmp_path):
     """A tiny base with a known rank-4 update added to every module a LoRA (LoCon) can hold is a 'fine-tune';
     extract must give that update back."""
@@ -179,7 +210,7 @@ def test_workshop_commands_and_their_refusals(loras, tmp_path, capsys):
     assert main(["merge", str(a), "--out", str(tmp_path / "m.safetensors"), "--base", "tiny-sd"]) == 2
     assert "already exists" in capsys.readouterr().err and (tmp_path / "m.safetensors").read_bytes() == before
     assert main(["resize", str(a), "--rank", "99", "--out", str(tmp_path / "r.safetensors"), "--base", "tiny-sd"]) == 2
-    assert "larger than module" in capsys.readouterr().err and not (tmp_path / "r.safetensors").exists()
+    assert "would only pad it" in capsys.readouterr().err and not (tmp_path / "r.safetensors").exists()
     assert main(["resize", str(a), "--energy", "0.9", "--out", str(tmp_path / "r.safetensors"), "--base",
                  "tiny-sd"]) == 0
     assert "MB ->" in capsys.readouterr().out

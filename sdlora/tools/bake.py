@@ -17,12 +17,11 @@ import torch
 
 from ..engine import BlendItem, Engine
 from ..errors import ConfigError, FormatError
-from ..formats import unet_sgm_path
+from ..formats import PRECISIONS, unet_sgm_path
 from ..models import Base
 from ..safefiles import write_safetensors
 from .merge import Item
 
-PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
 _VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 _OPENCLIP = (("text_model.encoder.layers.", "transformer.resblocks."), ("self_attn.", "attn."), ("layer_norm1", "ln_1"),

@@ -2,7 +2,8 @@
 
 Without a rank the factors are concatenated, which is exact: Σ w_i·s_i·up_i·down_i = [w_1 s_1 up_1 | ...] @
 [down_1; ...]. With a rank, each module's summed update is reduced by SVD to that rank and the relative error is
-reported. LoHa and LoKr have no factors to concatenate, so a merge that includes them needs a rank.
+reported. LoHa and LoKr have no factors to concatenate, so a merge that includes them needs a rank. Written in
+the sources' precision (fp32 when they differ) unless told otherwise; only fp32 keeps a concatenation exact.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from ..convert import reference
 from ..embeddings import bundle_raw
 from ..errors import FormatError
+from ..formats import precision_of
 from ..lorafile import read_lora
 from .updates import Update, check_rank, lora_bytes, low_rank, read_updates, summary_metadata, write_new
 
@@ -38,6 +40,7 @@ class MergeResult:
     unet_config: object
     metadata: dict[str, str]
     bundles: dict = field(default_factory=dict)  # every file's bundled embeddings
+    precision: str = "fp32"  # the sources' (fp32 when they differ)
 
 
 def merge(items: list[Item], rank: int | None = None, base: str | None = None, models=None) -> MergeResult:
@@ -47,7 +50,7 @@ def merge(items: list[Item], rank: int | None = None, base: str | None = None, m
     first = read_lora(items[0].path)
     models, family, ref_name = models or reference(first, base)
     per_module: dict[tuple[str, str], list[tuple[float, Update]]] = {}
-    sources, bundles, bundled_by = [], {}, {}
+    sources, bundles, bundled_by, precisions = [], {}, {}, set()
     for item in items:
         lf, updates = read_updates(item.path, models, family, ref_name)
         if lf.family not in (None, family):
@@ -59,6 +62,7 @@ def merge(items: list[Item], rank: int | None = None, base: str | None = None, m
                                   "merge them without one of the two, or rename the token in one")
             bundled_by[token] = item.path
         bundles |= bundle_raw(lf.bundles)
+        precisions.add(precision_of(lf.raw))
         sources.append({"file": Path(item.path).name, "short_hash": lf.sha256[:12], "unet": item.unet,
                         "te": item.te_weight})
         for u in updates:
@@ -82,9 +86,12 @@ def merge(items: list[Item], rank: int | None = None, base: str | None = None, m
             errors[f"{component}.{path}"] = err
     meta = summary_metadata(first.metadata, merged, sdlora_merged_from=sources,
                             sdlora_merge_rank="concatenated (exact)" if rank is None else str(rank))
-    return MergeResult(merged, errors, family, models["unet"].config, meta, bundles)
+    return MergeResult(merged, errors, family, models["unet"].config, meta, bundles,
+                       precisions.pop() if len(precisions) == 1 else "fp32")
 
 
-def write_merge(result: MergeResult, out: Path, overwrite: bool = False, layout: str = "kohya") -> Path:
+def write_merge(result: MergeResult, out: Path, overwrite: bool = False, layout: str = "kohya",
+                precision: str | None = None) -> Path:
+    """`precision`: fp16, bf16 or fp32 (default: the sources')."""
     return write_new(out, lora_bytes(result.updates, result.family, result.unet_config, result.metadata, layout,
-                                     result.bundles), overwrite)
+                                     result.bundles, precision or result.precision), overwrite)

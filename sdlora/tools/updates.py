@@ -104,9 +104,9 @@ def check_rank(u: Update, rank: int) -> None:
 
 
 def lora_bytes(updates: list[Update], family: str, unet_config, metadata: dict[str, str],
-               layout: str = "kohya", extra: dict[str, torch.Tensor] | None = None) -> bytes:
-    """Updates with factors as one LoRA file (fp32), per-module ranks and alphas kept, hashes filled in; `extra`
-    tensors (bundled embeddings) as they are."""
+               layout: str = "kohya", extra: dict[str, torch.Tensor] | None = None, precision: str = "fp32") -> bytes:
+    """Updates with factors as one LoRA file (the factors in `precision`, alphas in fp32), per-module ranks and
+    alphas kept, hashes filled in; `extra` tensors (bundled embeddings) as they are."""
     from safetensors.torch import save
 
     states: dict[str, dict[str, torch.Tensor]] = {}
@@ -129,7 +129,7 @@ def lora_bytes(updates: list[Update], family: str, unet_config, metadata: dict[s
         meta["lora_adapter_metadata"] = formats.diffusers_adapter_metadata(ranks, alphas, targets)
     else:
         raise FormatError(f"unknown layout {layout!r}; choose kohya or diffusers")
-    tensors = {k: v.contiguous() for k, v in (tensors | (extra or {})).items()}
+    tensors = {k: v.contiguous() for k, v in (formats.cast(tensors, precision) | (extra or {})).items()}
     blob = save(tensors, metadata=meta)
     return save(tensors, metadata={**meta, "sshs_model_hash": data_hash(blob)})
 
