@@ -33,6 +33,7 @@ def opt(default: Any = None, help: str = "", *, choices: tuple | None = None, fa
 
 
 OUTPUTS = Path("outputs")  # every command's default output folder
+BUILTINS = ("tiny-sd", "tiny-sdxl", "toy")  # the bases sdlora makes itself (--base names them before any path)
 PRESETS = ("attn", "attn-mlp", "full")
 KINDS = ("lora", "dora", "loha", "lokr")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -392,6 +393,21 @@ def dump_toml(cfg: TrainConfig) -> str:
                 out.append(f"{f.name} = {value(v)}")
         out.append("")
     return "\n".join(out)
+
+
+def anchored(cfg: TrainConfig) -> TrainConfig:
+    """The options with every local path made absolute (folders, and a --base or --base-config that is a local
+    path), so that a run's saved TOML repeats it from any working folder."""
+    def absolute(v):
+        return v if v is None else Path(v).expanduser().resolve()
+
+    def local(spec: str) -> str:
+        return str(absolute(spec)) if spec not in BUILTINS and spec and Path(spec).expanduser().exists() else spec
+
+    data = dataclasses.replace(cfg.data, data=absolute(cfg.data.data), reg_data=absolute(cfg.data.reg_data),
+                               validation_data=absolute(cfg.data.validation_data))
+    return dataclasses.replace(cfg, data=data, output_dir=absolute(cfg.output_dir), cache_dir=absolute(cfg.cache_dir),
+                               base=local(cfg.base), base_config=local(cfg.base_config))
 
 
 def load_toml(path: Path) -> dict[str, Any]:

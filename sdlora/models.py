@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 
+from .config import BUILTINS
 from .errors import ModelError
 from .vocab import byte_vocab
 
 log = logging.getLogger("sdlora")
 
 FAMILIES = ("sd1", "sd2", "sdxl")
-BUILTINS = ("tiny-sd", "tiny-sdxl", "toy")
 
 
 @dataclass

@@ -15,7 +15,7 @@ import torch
 
 from . import lora
 from .adapters import adapter_bytes, safetensors_bytes, write_adapter
-from .config import TrainConfig
+from .config import TrainConfig, anchored
 from .embeddings import bundle_tensors, textual_inversion_tensors
 from .logs import write_csv
 from .metadata import training_metadata
@@ -212,14 +212,15 @@ def listing_hash(run: Run) -> str:
 def save_run_state(run: Run, adapter: Path | None = None, blob: bytes | None = None) -> None:
     """The resumable state at this step (the config goes with it, so a resume can refuse changed settings), with
     a manifest: the adapter saved beside it and its hash, and hashes of the config and the dataset listing."""
-    manifest = {"config_sha256": hashlib.sha256(json.dumps(flat_config(run.cfg), sort_keys=True).encode()).hexdigest(),
+    config = flat_config(anchored(run.cfg))  # (absolute paths: a resume from another folder finds them)
+    manifest = {"config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
                 "data_sha256": listing_hash(run)}
     if adapter is not None:
         manifest["adapter"] = {"file": Path(adapter).name, "sha256": hashlib.sha256(blob).hexdigest()}
     states = lora_states(run)
     if run.pivot:
         states["embeddings"] = {str(i): p.detach() for i, p in enumerate(run.pivot.parameters())}
-    extra: dict = {"config": flat_config(run.cfg)}
+    extra: dict = {"config": config}
     if run.ema is not None:
         states["ema"] = {str(i): t for i, t in enumerate(run.ema.shadow_params)}
         extra["ema_step"] = run.ema.optimization_step

@@ -20,7 +20,7 @@ import torch
 
 from . import embeddings, lora
 from .adapters import write_adapter
-from .config import TrainConfig, dump_toml
+from .config import TrainConfig, anchored, dump_toml
 from .data.dataset import EpochPlan, Slot, TrainDataset, collate, latent_cache_key, seeded, to_training_image
 from .doctor import diagnose, learning_rate_notes
 from .errors import ConfigError, DataError, FormatError, MissingDependencyError
@@ -94,8 +94,8 @@ def train(cfg: TrainConfig, *, progress: bool = False) -> TrainResult:
         _fix_embeddings(run, dataset)
     if run.main:
         run.out.mkdir(parents=True, exist_ok=True)
-        # The options as run: to repeat it (--config NAME.toml) or to report on it (`sdlora report`).
-        atomic_write_bytes(run.out / f"{run.name}.toml", dump_toml(cfg).encode())
+        # The options as run: to repeat it (--config NAME.toml, from any folder) or to report on it (`sdlora report`).
+        atomic_write_bytes(run.out / f"{run.name}.toml", dump_toml(anchored(cfg)).encode())
         hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat_config(cfg).items()}
         run.accelerator.init_trackers("tensorboard", config=hparams)
 
@@ -529,8 +529,9 @@ def _resume(run: Run, path: Path, total_steps: int) -> None:
                     "files): the run continues on them as they are now, so it will not match an uninterrupted one")
 
     def same(k):
-        if k in ("data", "reg_data") and saved[k] and flat.get(k):  # the same folder, however it was spelled
-            return Path(saved[k]).resolve() == Path(flat[k]).resolve()
+        if k in ("data", "reg_data", "base") and saved[k] and flat.get(k) and saved[k] != flat[k]:
+            # the same folder or file however it was spelled (the run's TOML holds absolute paths)
+            return Path(saved[k]).expanduser().resolve() == Path(flat[k]).expanduser().resolve()
         return saved[k] == flat.get(k)
 
     changed = [k for k in RESUME_KEYS if k in saved and not same(k)]

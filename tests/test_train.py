@@ -227,6 +227,25 @@ def test_a_fresh_run_keeps_an_earlier_runs_checkpoints_and_states_unless_overwri
     assert (out / "data-step000002.safetensors").read_bytes() != before[out / "data-step000002.safetensors"]
 
 
+def test_the_runs_toml_repeats_and_resumes_it_from_another_folder(tmp_path, dataset, monkeypatch):
+    """Paths typed relative to where the run started are saved absolute: `--config NAME.toml` works anywhere."""
+    import shutil
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    shutil.copytree(dataset, tmp_path / "a" / "imgs")
+    monkeypatch.chdir(tmp_path / "a")
+    assert main(["-q", "train", "--data", "imgs", "--resolution", "64", "--steps", "1", "--save-every", "1",
+                 "--output-dir", "out"]) == 0
+    toml = tmp_path / "a" / "out" / "imgs.toml"
+    assert f'data = "{tmp_path / "a" / "imgs"}"' in toml.read_text() and 'base = "tiny-sd"' in toml.read_text()
+    monkeypatch.chdir(tmp_path / "b")
+    assert main(["-q", "train", "--config", str(toml), "--name", "again"]) == 0
+    assert (tmp_path / "a" / "out" / "again.safetensors").is_file()
+    # and the state saved under the relative spelling resumes under the absolute one
+    assert main(["-q", "train", "--config", str(toml), "--resume", "latest", "--steps", "2", "--overwrite"]) == 0
+
+
 def test_no_usable_image_names_why(tmp_path, capsys):
     from PIL import Image
 
