@@ -96,7 +96,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
     from .train import train
 
     cfg = train_config_from_args(ns)
-    result = train(cfg, progress=True)
+    result = train(cfg, progress=not ns.quiet)  # (-q: no progress bar either)
     print(result.summary())
     return 0
 
@@ -107,6 +107,11 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     from .recipe import next_output_path, save_png
 
     n, named = ns.batch_size * ns.batch_count, []  # the --out files, known before anything runs
+    if ns.out and not ns.out.suffix:
+        ns.out = ns.out.with_suffix(".png")
+    if ns.out and ns.out.suffix.lower() != ".png":
+        raise ConfigError(f"--out {ns.out}: images are written as PNG (with the generation parameters A1111 reads "
+                          "back); give a .png name")
     if ns.out:
         named = [ns.out] if n == 1 else [ns.out.with_name(f"{ns.out.stem}-{k}{ns.out.suffix}") for k in range(n)]
     existing = [p for p in named if p.exists()]
@@ -130,18 +135,18 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     return 0
 
 
-def parse_lora_arg(arg: str):
-    """`PATH[:W]` or `PATH[:TE_W:UNET_W]`."""
+def parse_lora_arg(arg: str, what: str = "--lora"):
+    """`PATH[:W]` or `PATH[:TE_W:UNET_W]`; `what` names the argument in errors."""
     from .errors import ConfigError
 
     m = re.match(r"^(.*?\.safetensors)(?::([-+0-9.]+))?(?::([-+0-9.]+))?$", arg)
     if not m:
-        raise ConfigError(f"--lora {arg!r}: expected PATH.safetensors[:WEIGHT] or PATH.safetensors[:TE_W:UNET_W]")
+        raise ConfigError(f"{what} {arg!r}: expected PATH.safetensors[:WEIGHT] or PATH.safetensors[:TE_W:UNET_W]")
     try:
         a = float(m.group(2)) if m.group(2) else 1.0
         b = float(m.group(3)) if m.group(3) else None
     except ValueError:
-        raise ConfigError(f"--lora {arg!r}: weights must be numbers") from None
+        raise ConfigError(f"{what} {arg!r}: weights must be numbers") from None
     return (Path(m.group(1)), b, a) if b is not None else (Path(m.group(1)), a, None)
 
 
@@ -166,7 +171,7 @@ def cmd_convert(ns: argparse.Namespace) -> int:
 def cmd_merge(ns: argparse.Namespace) -> int:
     from .tools.merge import Item, merge, write_merge
 
-    items = [Item(path, unet, te) for path, unet, te in (parse_lora_arg(a) for a in ns.loras)]
+    items = [Item(path, unet, te) for path, unet, te in (parse_lora_arg(a, "merge: LoRA") for a in ns.loras)]
     _refuse_existing(ns.out, ns.overwrite)
     result = merge(items, rank=ns.rank, base=ns.base)
     out = write_merge(result, ns.out, overwrite=ns.overwrite, layout=ns.format, precision=ns.precision)
@@ -261,7 +266,6 @@ def cmd_webui(ns: argparse.Namespace) -> int:
               "the outputs folder", file=sys.stderr)
     from webui.app import serve
 
-    print(f"sdlora web UI on http://{ns.host}:{ns.port} (Ctrl+C to stop)", file=sys.stderr)
     serve(ns.base, ns.lora_dir, ns.output_dir, host=ns.host, port=ns.port, base_config=ns.base_config,
           quantize=ns.quantize_base or "", quantize_backend=ns.quantize_backend, data_root=ns.data_root)
     return 0

@@ -43,6 +43,8 @@ def read_header(path: Path) -> tuple[dict, dict[str, str]]:
 
 def _suffix_checked(path: Path) -> Path:
     path = Path(path)
+    if path.is_dir():
+        raise FormatError(f"{path} is a folder; give a .safetensors file")
     if path.suffix.lower() != ".safetensors":
         raise FormatError(
             f"{path}: only .safetensors files are read; {path.suffix or 'this'} files may be pickled and can run "

@@ -269,6 +269,9 @@ def _start(cfg: TrainConfig) -> Run:
     doctor = diagnose(cfg, processes=accelerator.num_processes, require=True, thorough=accelerator.is_main_process)
     report = doctor.scan
     run = Run(doctor.cfg, accelerator, report, adapter_name(doctor.cfg), reg=doctor.reg)
+    for flag, folder in (("--output-dir", run.out), ("--cache-dir", run.cfg.cache_dir)):
+        if folder is not None and folder.exists() and not folder.is_dir():
+            raise ConfigError(f"{flag} {folder} is a file; give a folder (it is made if missing)")
     for token in run.new_tokens:
         if not any(token in item.caption for item in report.items):
             raise DataError(f"--train-embedding {token}: no caption in {report.root} holds {token!r}, so its "

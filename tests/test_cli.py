@@ -44,3 +44,39 @@ def test_errors_that_are_not_sdloras_are_one_line_too(monkeypatch, capsys, error
     if code == 1:  # --debug (before or after the command) shows the real traceback
         with pytest.raises(type(error)):
             main(["inspect", "x.safetensors", "--debug"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--prompt", "x", "--out", "{tmp}/x.jpg"], "images are written as PNG"),
+    (["bake", "--base", "tiny-sd", "--lora", "{tmp}/a.safetensors", "--format", "diffusers", "--out",
+      "{tmp}/m.safetensors"], "--format diffusers writes a folder"),
+    (["inspect", "{tmp}"], "is a folder; give a .safetensors file"),
+    (["merge", "{tmp}/a.safetensors:abc", "--out", "{tmp}/m.safetensors"], "merge: LoRA '"),
+    (["train", "--data", "{tmp}/d", "--base", "toy", "--output-dir", "{tmp}/afile"], "--output-dir"),
+    (["webui", "--lora-dir", "{tmp}", "--data-root", "{tmp}/missing"], "--data-root"),
+    (["webui", "--lora-dir", "{tmp}", "--port", "{port}"], "pass another --port"),
+])
+def test_mistakes_found_by_a_new_user_are_one_clear_line_before_any_model_loads(tmp_path, capsys, monkeypatch,
+                                                                                 argv, message):
+    import socket
+
+    from sdlora import engine, models, train
+
+    from conftest import draw_shape
+
+    def no_loading(*a, **k):
+        raise AssertionError("a model was loaded before the mistake was found")
+
+    for module in (models, engine, train):  # (each holds its own name for it)
+        monkeypatch.setattr(module, "load_base", no_loading)
+    (tmp_path / "d").mkdir()
+    draw_shape((32, 32)).save(tmp_path / "d" / "a.png")
+    (tmp_path / "afile").write_text("")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = main([a.format(tmp=tmp_path, port=port) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "m.safetensors").exists() and (tmp_path / "afile").read_text() == ""

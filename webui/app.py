@@ -351,6 +351,12 @@ def serve(base: str, lora_dir: Path, output_dir: Path, host: str = StudioConfig.
     exit."""
     import os
 
+    from sdlora.errors import ConfigError
+
+    if data_root is not None and not Path(data_root).is_dir():
+        raise ConfigError(f"--data-root {data_root} is not a folder; give the folder that holds your training-image "
+                          "folders")
+    _check_port_free(host, port)  # before the base loads: Gradio's own message names its environment variables
     output_dir = Path(output_dir).resolve()
     cache = output_dir / ".gradio"
     cache.mkdir(parents=True, exist_ok=True)
@@ -362,6 +368,7 @@ def serve(base: str, lora_dir: Path, output_dir: Path, host: str = StudioConfig.
         import signal
 
         signal.signal(signal.SIGTERM, _interrupt)
+    log.info(f"sdlora web UI on http://{host}:{port} (Ctrl+C to stop)")
     try:
         app.launch(server_name=host, server_port=port, share=False, allowed_paths=allowed,
                    blocked_paths=[str(Path(lora_dir).resolve())] if lora_dir else None, prevent_thread_lock=not block,
@@ -370,6 +377,20 @@ def serve(base: str, lora_dir: Path, output_dir: Path, host: str = StudioConfig.
         if block:
             app.sdlora_jobs.shutdown()
     return app
+
+
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    from sdlora.errors import ConfigError
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: a closed one's port is free
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ConfigError(f"cannot serve on {host}:{port} ({e.strerror}); pass another --port, or stop what "
+                              "uses it") from None
 
 
 def _interrupt(signum, frame):

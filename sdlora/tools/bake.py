@@ -115,6 +115,9 @@ def bake(base: str, items: list[Item], out: Path, *, layout: str = "single", pre
     if layout == "single" and out.suffix.lower() != ".safetensors":
         raise ConfigError(f"--out {out}: a single-file checkpoint ends in .safetensors (or use --format diffusers "
                           "for a folder)")
+    if layout == "diffusers" and out.suffix.lower() == ".safetensors":
+        raise ConfigError(f"--out {out}: --format diffusers writes a folder; give a folder name (no .safetensors), "
+                          "or leave --format at single for one file")
     if out.exists() and not overwrite:
         raise ConfigError(f"{out} already exists; choose another --out or pass --overwrite")
     if not items:
