@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from pathlib import Path
 
@@ -10,11 +11,14 @@ import torch
 
 from . import formats
 from .archs import TITLES, meta_models
+from .config import BUILTINS
 from .embeddings import bundle_raw
 from .errors import FormatError
 from .lorafile import Fit, LoraFile, dora_axis, fit, read_lora, trigger_words
 from .metadata import data_hash
 from .safefiles import atomic_write_bytes
+
+log = logging.getLogger("sdlora")
 
 TRAINING_KEYS = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args", "ss_resolution",
                  "ss_num_train_images", "ss_steps", "ss_epoch", "ss_learning_rate", "ss_unet_lr", "ss_text_encoder_lr",
@@ -25,7 +29,12 @@ TRAINING_KEYS = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_
 
 
 def reference(lf: LoraFile, base: str | None):
-    """The models whose module names a file is read against: a given base, or the full-size family layout."""
+    """The models whose module names a file is read against: a given base; else the built-in base (toy, tiny-sd,
+    tiny-sdxl) the file's metadata says it was trained on, which is always at hand; else the full-size family
+    layout."""
+    if not base and lf.metadata.get("ss_sd_model_name") in BUILTINS:
+        base = lf.metadata["ss_sd_model_name"]
+        log.info(f"{lf.path.name} was trained on the built-in base {base!r}: read against it (--base to change)")
     if base:
         from .models import load_base
 
