@@ -23,7 +23,8 @@ from .data.scan import CAPTION_EXTS, ScanReport, scan_folder
 from .errors import DataError
 from .models import base_kind, native_size
 
-DUPLICATE_BITS = 4  # difference hashes (64 bits) this close are near-duplicates: resized, re-encoded or recoloured
+DUPLICATE_BITS = 4  # difference hashes (64 bits) this close are near-duplicates: resized, re-encoded, lightly graded
+DUPLICATE_COLOUR = 24  # ... if their quarters' mean colours differ by at most this much (of 255) in every channel
 WORST_CROPS = 8  # images on the contact sheet
 
 
@@ -285,19 +286,20 @@ def _cut(size: tuple[int, int], bucket) -> float:
     return max(0.0, 1 - (bucket.width * bucket.height) / (w * scale * h * scale))
 
 
-def _dhash(path: Path) -> int | None:
-    """A 64-bit difference hash: which of each row's neighbouring pixels is brighter, at 9x8 grey."""
+def _dhash(path: Path) -> tuple[int, bytes] | None:
+    """A 64-bit difference hash (which of each row's neighbouring pixels is brighter, at 9x8 grey) and the colours
+    of the image's four quarters (the hash alone sees the same shape in two colours as one picture)."""
     from PIL import Image
 
     from .data.scan import load_rgb
 
     try:
-        img = load_rgb(path).convert("L").resize((9, 8), Image.Resampling.BILINEAR)
+        rgb = load_rgb(path)
     except OSError:
         return None
-    px = img.tobytes()  # 72 grey bytes, row by row
+    px = rgb.convert("L").resize((9, 8), Image.Resampling.BILINEAR).tobytes()  # 72 grey bytes, row by row
     bits = [px[r * 9 + c] > px[r * 9 + c + 1] for r in range(8) for c in range(8)]
-    return sum(1 << i for i, b in enumerate(bits) if b)
+    return sum(1 << i for i, b in enumerate(bits) if b), rgb.resize((2, 2), Image.Resampling.BOX).tobytes()
 
 
 def _near_duplicates(paths: list[Path]) -> list[list[str]]:
@@ -312,7 +314,9 @@ def _near_duplicates(paths: list[Path]) -> list[list[str]]:
 
     for i in range(len(hashes)):
         for j in range(i + 1, len(hashes)):
-            if (hashes[i][1] ^ hashes[j][1]).bit_count() <= DUPLICATE_BITS:
+            (a, colours_a), (b, colours_b) = hashes[i][1], hashes[j][1]
+            if ((a ^ b).bit_count() <= DUPLICATE_BITS
+                    and max(abs(x - y) for x, y in zip(colours_a, colours_b, strict=True)) <= DUPLICATE_COLOUR):
                 parent[root(j)] = root(i)
     groups: dict[int, list[str]] = {}
     for i, (p, _) in enumerate(hashes):

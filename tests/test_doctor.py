@@ -96,6 +96,20 @@ def test_doctor_text_and_an_empty_folder(tmp_path, capsys):
     assert "base model 'toyy' not found" in capsys.readouterr().err
 
 
+def test_near_duplicates_are_copies_not_the_same_shape_in_another_colour(tmp_path):
+    from PIL import ImageEnhance
+
+    from sdlora.doctor import _near_duplicates
+
+    smooth(1).save(tmp_path / "a.png")
+    smooth(1, (48, 48)).save(tmp_path / "a-small.jpg", quality=80)  # resized and re-encoded: a copy
+    ImageEnhance.Brightness(smooth(1)).enhance(1.05).save(tmp_path / "a-graded.png")  # lightly graded: a copy
+    draw_shape((64, 64), colour=(255, 165, 0)).save(tmp_path / "orange.png")
+    draw_shape((64, 64), colour=(0, 128, 0)).save(tmp_path / "green.png")  # same circle, another colour: not a copy
+    groups = _near_duplicates(sorted(tmp_path.iterdir()))
+    assert [sorted(g) for g in groups] == [["a-graded.png", "a-small.jpg", "a.png"]]
+
+
 def test_a_run_started_inside_its_data_folder_does_not_train_on_its_own_outputs(tmp_path, capsys):
     """The default --output-dir is ./outputs: from inside the data folder, the samples, previews, loss plot and
     contact sheet a run writes would be counted as training images the next time."""
