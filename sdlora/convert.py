@@ -14,9 +14,9 @@ from .archs import TITLES, meta_models
 from .config import BUILTINS
 from .embeddings import bundle_raw
 from .errors import FormatError
-from .lorafile import Fit, LoraFile, dora_axis, fit, read_lora, trigger_words
+from .lorafile import EMBEDDING_KEYS, Fit, LoraFile, dora_axis, fit, read_lora, trigger_words
 from .metadata import data_hash
-from .safefiles import atomic_write_bytes
+from .safefiles import atomic_write_bytes, read_header, read_safetensors_bytes
 
 log = logging.getLogger("sdlora")
 
@@ -47,6 +47,9 @@ def reference(lf: LoraFile, base: str | None):
 
 
 def info(path: Path) -> dict:
+    header, meta = read_header(path)
+    if set(header) in EMBEDDING_KEYS:
+        return _embedding_info(Path(path), header, meta)
     lf = read_lora(path)
     components = Counter()
     for name in lf.modules:
@@ -92,6 +95,26 @@ def info(path: Path) -> dict:
     }
 
 
+EMBEDDING_FAMILIES = {(768,): "sd1", (1024,): "sd2", (768, 1280): "sdxl"}  # by the widths of the vectors
+
+
+def _embedding_info(path: Path, header: dict, meta: dict[str, str]) -> dict:
+    """A textual-inversion file (`--embedding-only` writes one): its vectors, per text encoder."""
+    shapes = {k: v["shape"] for k, v in sorted(header.items())}
+    family = EMBEDDING_FAMILIES.get(tuple(s[-1] for s in shapes.values()))
+    digest = data_hash(read_safetensors_bytes(path)[2])
+    return {
+        "file": path.name, "format": "textual-inversion embedding", "kind": "embedding", "family": family,
+        "family_source": "vector widths" if family else "unknown",
+        "vectors": {k: {"count": s[0] if len(s) > 1 else 1, "width": s[-1]} for k, s in shapes.items()},
+        "file_bytes": path.stat().st_size,
+        "precision": dict(Counter(v["dtype"] for v in header.values())),
+        "trigger_words": [path.stem],  # A1111 and ComfyUI: the file name in the prompt
+        "training": {k: meta[k] for k in TRAINING_KEYS if k in meta},
+        "computed_hash": digest, "short_hash": digest[:12],
+    }
+
+
 def _effective_lr(meta: dict, lf) -> float | None:
     """The UNet learning rate as it acted, lr x alpha / rank, when the metadata gives it and one scale holds (LoRA
     and DoRA: LoHa's and LoKr's updates are products, so alpha / rank does not scale them the same way)."""
@@ -109,6 +132,16 @@ KIND_TITLES = {"lora": "LoRA", "dora": "DoRA", "loha": "LyCORIS LoHa", "lokr": "
 
 
 def format_info(d: dict) -> str:
+    if d["kind"] == "embedding":
+        return "\n".join([
+            f"{d['file']}: textual-inversion embedding for {TITLES.get(d['family'], 'an unknown family')}"
+            + (f" (family from {d['family_source']})" if d["family"] else ""),
+            "vectors: " + ", ".join(f"{k} {v['count']} x {v['width']}" for k, v in d["vectors"].items()),
+            f"file {d['file_bytes'] / 1e6:.2f} MB; precision {', '.join(d['precision'])}",
+            f"use: write {d['trigger_words'][0]} in the prompt (A1111, ComfyUI), or diffusers' "
+            "load_textual_inversion(path, token=...)",
+            *(f"{k}: {v}" for k, v in d["training"].items()),
+            f"hash: {d['computed_hash']} (short {d['short_hash']})"])
     kinds = " + ".join(KIND_TITLES.get(k, k) for k in d["kind"].split("+"))
     lines = [f"{d['file']}: {d['format'].split(' ')[0]} {kinds} for {TITLES.get(d['family'], 'an unknown family')} "
              f"(family from {d['family_source']})",

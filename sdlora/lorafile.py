@@ -204,8 +204,11 @@ def _parsed(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) 
                           "author for a file in kohya, diffusers or peft layout") from None
 
 
+EMBEDDING_KEYS = ({"emb_params"}, {"clip_l", "clip_g"}, {"string_to_param.*"})  # textual-inversion files' tensors
+
+
 def _read_lora(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> LoraFile:
-    if set(tensors) in ({"emb_params"}, {"clip_l", "clip_g"}, {"string_to_param.*"}):
+    if set(tensors) in EMBEDDING_KEYS:
         raise FormatError(f"{path}: a textual-inversion embedding, not a LoRA; put it where embeddings go "
                           "(A1111's and ComfyUI's embeddings folder, or diffusers' load_textual_inversion)")
     tensors, bundles = split_bundles(path, tensors)

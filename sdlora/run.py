@@ -183,6 +183,7 @@ def _adapter_blob(run: Run) -> bytes:
             meta["sdlora_train_weight_min"] = f"{cfg.train_weight_min:g}"
     if cfg.adapter.embedding_only:  # a textual inversion: A1111's and ComfyUI's embedding files
         (token, vectors), = run.pivot.vectors().items()
+        meta = {k: v for k, v in meta.items() if not k.startswith("ss_network_")}  # (no network was trained)
         return safetensors_bytes(textual_inversion_tensors(vectors, base.family),
                                {**meta, "sdlora_token": token, "sdlora_vectors": str(vectors[0].shape[0])})
     bundles = bundle_tensors(run.pivot.vectors(), base.family) if run.pivot else {}

@@ -9,9 +9,10 @@ from safetensors.torch import save_file
 
 from sdlora import embeddings
 from sdlora.config import AdapterConfig, DataConfig, Params, TrainConfig
-from sdlora.convert import info
+from sdlora.convert import format_info, info
 from sdlora.engine import BlendItem, Engine
 from sdlora.errors import ConfigError, DataError, FormatError
+from sdlora.lorafile import read_lora
 from sdlora.models import load_base
 from sdlora.safefiles import read_safetensors
 from sdlora.train import train
@@ -147,8 +148,13 @@ def test_embedding_only_writes_a_textual_inversion_diffusers_loads(tmp_path, cap
     pipe = load_base("tiny-sd").pipeline()
     pipe.load_textual_inversion(str(result.adapter), token="<yy>")
     assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[-1], tensors["emb_params"][0])
+    assert not any(k.startswith("ss_network_") for k in meta)  # no network was trained
     with pytest.raises(FormatError, match="a textual-inversion embedding, not a LoRA"):
-        info(result.adapter)
+        read_lora(result.adapter)  # (the studio and the workshop say where it goes instead)
+    about = info(result.adapter)  # inspect describes it
+    assert (about["kind"], about["vectors"], about["trigger_words"]) == ("embedding", {"emb_params": {"count": 1,
+                                                                                                    "width": 32}}, ["yy"])
+    assert "textual-inversion embedding" in format_info(about) and "write yy in the prompt" in format_info(about)
 
 
 def test_bad_embedding_options_are_refused_before_training(tmp_path):
