@@ -128,6 +128,20 @@ def test_select_weight_generate_in_a_browser(server):
         for where in ("#cards", "#triggers"):
             assert page.locator(where).get_by_text(HTML_TRIGGER, exact=False).count() >= 1, where
         page.screenshot(path=str(ARTIFACTS / "webui.png"), full_page=True)
+        # The image's recipe back into a fresh page: the LoRAs ticked at the weights it was made with (ticking them
+        # used to reset every weight to the LoRA's preferred one).
+        page.reload()
+        page.wait_for_selector("#generate")
+        page.get_by_text("Load parameters from a PNG").click()
+        page.locator("#png-info input[type=file]").set_input_files(str(sorted(server["out"].glob("*.png"))[-1]))
+        page.wait_for_selector("#png-info img")
+        page.locator("#load-png").click()
+        weights = {f"#slot{s}-{n} input[type=number]": v for s, n, v in ((0, "unet", "0.8"), (0, "te", "0.6"),
+                                                                         (1, "unet", "0.4"), (1, "te", "1.2"))}
+        page.wait_for_function("document.querySelector('#seed input').value === '5'", timeout=30_000)
+        page.wait_for_timeout(2000)  # (whatever else the load sets off has run)
+        assert {k: page.locator(k).input_value() for k in weights} == weights
+        assert page.locator("#slot0-name textarea, #slot0-name input").first.input_value() == "inkstyle"
         browser.close()
     assert "<lora:inkstyle:0.6:0.8>" in info and "<lora:watercolor:1.2:0.4>" in info
     saved = sorted(server["out"].glob("*.png"))
@@ -247,7 +261,8 @@ def test_save_a_blend_as_one_lora(server):
 
     client = Client(server["url"], verbose=False)
     slots = ["inkstyle", 0.8, 0.6, "watercolor", 0.4, 1.2, *["", 1.0, 1.0] * 4]
-    _, message = client.predict("ink and water", ["inkstyle", "watercolor"], *slots, api_name="/save_blend")
+    *listed, message = client.predict("ink and water", ["inkstyle", "watercolor"], *slots, api_name="/save_blend")
+    assert "ink and water" in str(listed[1])  # the cards list it at once, not after a reload
     out = server["loras"] / "ink and water.safetensors"
     assert message == "saved ink and water.safetensors (2 LoRAs)" and out.is_file()
     sources = json.loads(read_lora(out).metadata["sdlora_merged_from"])

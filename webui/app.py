@@ -164,9 +164,9 @@ class Studio:
         base = self.engine.base
         result = merge(items, models=(base.modules(), base.family, base.name))
         write_merge(result, out)
-        self.engine.rescan()
-        self.usable = [n for n, e in self.engine.library.entries.items() if e.compatible]
-        return gr.update(choices=self.usable, value=list(selected or [])), f"saved {out.name} ({len(blend)} LoRAs)"
+        listed = self.add_lora(out)  # the tick boxes and the cards at once
+        listed[0] = gr.update(choices=self.usable, value=list(selected or []))
+        return [*listed, f"saved {out.name} ({len(blend)} LoRAs)"]
 
     @friendly
     def show_report(self, name):
@@ -284,13 +284,15 @@ def _library(studio: Studio, prompt) -> dict:
             te_w = gr.Slider(*WEIGHT_RANGE, value=1.0, step=0.05, label="Text-encoder weight", elem_id=f"slot{i}-te")
         slot_components += [name, unet_w, te_w]
         slot_outputs += [row, name, unet_w, te_w]
-    selected.change(studio.slots_for, selected, slot_outputs)
+    # Only a tick by the user resets the weight rows to the preferred weights: a PNG's recipe ticks LoRAs and sets
+    # their weights itself (.change fired for that too, and put every weight back to its preferred value).
+    selected.input(studio.slots_for, selected, slot_outputs)
     with gr.Row():
         save_name = gr.Textbox(label="Name of the merged LoRA", elem_id="save-name", scale=2)
         save = gr.Button("Save this blend as one LoRA", elem_id="save-blend", scale=1)
     saved = gr.Textbox(label="Saved", interactive=False, elem_id="saved")
-    save.click(studio.save_blend, [save_name, selected, *slot_components], [selected, saved], concurrency_limit=1,
-               concurrency_id="gpu")
+    save.click(studio.save_blend, [save_name, selected, *slot_components], [selected, cards, gallery, trig, saved],
+               concurrency_limit=1, concurrency_id="gpu")
     return {"selected": selected, "slot_components": slot_components, "slot_outputs": slot_outputs, "cards": cards,
             "previews": gallery, "triggers": trig}
 
