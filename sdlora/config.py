@@ -395,19 +395,23 @@ def dump_toml(cfg: TrainConfig) -> str:
     return "\n".join(out)
 
 
+def anchored_spec(spec: str) -> str:
+    """A --base or --base-config made absolute when it is a local path (a built-in or Hub id stays as it is)."""
+    if spec and spec not in BUILTINS and Path(spec).expanduser().exists():
+        return str(Path(spec).expanduser().resolve())
+    return spec
+
+
 def anchored(cfg: TrainConfig) -> TrainConfig:
     """The options with every local path made absolute (folders, and a --base or --base-config that is a local
     path), so that a run's saved TOML repeats it from any working folder."""
     def absolute(v):
         return v if v is None else Path(v).expanduser().resolve()
 
-    def local(spec: str) -> str:
-        return str(absolute(spec)) if spec not in BUILTINS and spec and Path(spec).expanduser().exists() else spec
-
     data = dataclasses.replace(cfg.data, data=absolute(cfg.data.data), reg_data=absolute(cfg.data.reg_data),
                                validation_data=absolute(cfg.data.validation_data))
     return dataclasses.replace(cfg, data=data, output_dir=absolute(cfg.output_dir), cache_dir=absolute(cfg.cache_dir),
-                               base=local(cfg.base), base_config=local(cfg.base_config))
+                               base=anchored_spec(cfg.base), base_config=anchored_spec(cfg.base_config))
 
 
 def load_toml(path: Path) -> dict[str, Any]:

@@ -94,6 +94,9 @@ class Jobs:
         folder = self.folder(name)
         if not (folder / f"{name}.toml").is_file():
             raise ConfigError(f"no run {name!r} in {self.outputs}")
+        if (folder / f"{name}.safetensors").is_file():  # (refused before it is queued: its history stays 'finished')
+            raise ConfigError(f"run {name!r} has finished: its LoRA is {name}.safetensors. Resume continues a stopped "
+                              "or crashed run; to train more, start a new run under another name")
         with self.lock:
             if name in self.jobs and self.jobs[name].status in ("queued", "running", "stopping"):
                 raise ConfigError(f"run {name!r} is already {self.jobs[name].status}")

@@ -58,7 +58,10 @@ def test_a_run_queues_stops_resumes_and_finishes_in_its_own_folder(tmp_path):
     assert resumed.total == 400
     jobs.stop("long")
     wait(jobs, "long", lambda p: p.status == "stopped")
+    with pytest.raises(ConfigError, match="'short' has finished"):  # (it used to start, fail, and read 'failed')
+        jobs.resume("short")
     history = {r["name"]: r for r in jobs.history()}
+    assert history["short"]["status"] == "finished"
     assert history["short"]["steps"] == 4 and history["short"]["final_loss"] > 0
     assert 0 < history["short"]["seconds"] < time.time() - began
     assert history["short"]["adapter"] == done.adapter and history["long"]["status"] == "stopped"

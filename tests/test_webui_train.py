@@ -140,8 +140,10 @@ def test_train_from_the_browser_stop_resume_and_generate_with_the_result(studio)
         assert caption_file.read_text(encoding="utf-8") == "rimstyle, a green triangle, edited in the browser\n"
         assert caption_file.stat().st_ino != inode
         assert all(p.read_bytes() == before for p, before in others.items())
-        # A short run on the toy base: the step counter and the loss chart move, Stop saves, Resume finishes.
-        for name, value in (("base", "toy"), ("name", "browser-rim"), ("sample_prompt", "rimstyle, a red circle")):
+        # A short run on the toy base, the studio's, which the form starts from (its LoRA must apply there): the
+        # step counter and the loss chart move, Stop saves, Resume finishes.
+        assert page.locator("#opt-base").locator("textarea, input").first.input_value() == "toy"
+        for name, value in (("name", "browser-rim"), ("sample_prompt", "rimstyle, a red circle")):
             page.locator(f"#opt-{name}").locator("textarea, input").first.fill(value)
         for name, value in (("steps", "200"), ("rank", "4"), ("sample_every", "100")):
             field = page.locator(f"#opt-{name} input").first

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from sdlora.config import StudioConfig
+from sdlora.config import StudioConfig, anchored_spec
 from sdlora.engine import MODES, WEIGHT_RANGE, BlendItem, Engine, Params, parse_prompt
 from sdlora.errors import SdloraError
 from sdlora.grid import AXIS_KINDS, Axis, xy_grid
@@ -199,15 +199,15 @@ class Studio:
         return f"{word}, {prompt}" if prompt else word
 
 
-def build_app(engine: Engine, output_dir: Path, data_root: Path | None = None):
+def build_app(engine: Engine, output_dir: Path, data_root: Path | None = None, train_defaults: dict | None = None):
     """The studio; with `data_root`, its Train tab trains on the image folders below it (runs go to
-    `output_dir`)."""
+    `output_dir`), its form starting from `train_defaults` (the studio's base) where given."""
     from sdlora.jobs import Jobs
     from webui.train_tab import train_tab
     from webui.training import Trainer
 
     studio = Studio(engine, output_dir)
-    trainer = Trainer(Jobs(studio.output_dir), data_root)
+    trainer = Trainer(Jobs(studio.output_dir), data_root, train_defaults)
     with gr.Blocks(title="sdlora blend studio", delete_cache=CACHE_CLEAN) as app:
         gr.Markdown("## sdlora blend studio")
         with gr.Tab("Generate", elem_id="tab-generate"):
@@ -364,7 +364,9 @@ def serve(base: str, lora_dir: Path, output_dir: Path, host: str = StudioConfig.
     cache.mkdir(parents=True, exist_ok=True)
     os.environ["GRADIO_TEMP_DIR"] = str(cache)
     engine = Engine(base, lora_dir, base_config=base_config, quantize=quantize, quantize_backend=quantize_backend)
-    app = build_app(engine, output_dir, data_root)
+    # The Train tab starts from the studio's base, so that what it trains applies here.
+    trained_on = {"base": anchored_spec(str(base))} | ({"base_config": anchored_spec(base_config)} if base_config else {})
+    app = build_app(engine, output_dir, data_root, trained_on)
     allowed = [str(output_dir)] + ([str(Path(data_root).resolve())] if data_root else [])
     if block:  # SIGTERM (a service manager stopping the server) ends it the way Ctrl-C does, through the finally
         import signal

@@ -85,7 +85,7 @@ class Handlers:
 
     def _form(self, settings: dict) -> list:
         settings = self.trainer.relative(settings)
-        return [settings.get("data", gr.update()), *form_updates(self.names, settings)]
+        return [settings.get("data", gr.update()), *form_updates(self.names, settings, self.trainer.defaults)]
 
     def as_toml(self, rel, *form):
         cfg = self.trainer.config(rel, form_values(self.names, list(form)))
@@ -119,7 +119,7 @@ def train_tab(trainer: Trainer, friendly, on_finished, loras) -> None:
         trigger = gr.Textbox(label="Trigger word to put first in every caption", elem_id="train-trigger-word")
         add_trigger = gr.Button("Add to every caption", elem_id="train-add-trigger")
     data_msg = gr.Textbox(label="Data", interactive=False, elem_id="train-data-msg")
-    fields = _fields(names)
+    fields = _fields(names, trainer.defaults)
     with gr.Row():
         toml_in = gr.File(label="Load TOML", file_types=[".toml"], type="filepath", elem_id="train-toml-in")
         toml_out = gr.Textbox(label="As TOML (`sdlora train --config`)", lines=4, interactive=False,
@@ -178,10 +178,10 @@ def _grid(columns: int = 6) -> tuple[list, list]:
     return thumbs, captions
 
 
-def _fields(names: list[str]) -> dict:
-    """One input per option, defaults, choices and help from the config dataclasses; basics first, the rest
-    in an accordion."""
-    specs = {n: (d, h, c, k) for n, d, h, c, k in option_specs()}
+def _fields(names: list[str], defaults: dict) -> dict:
+    """One input per option, defaults (the config dataclasses', or `defaults`), choices and help; basics first, the
+    rest in an accordion."""
+    specs = {n: (d, h, c, k) for n, d, h, c, k in option_specs(defaults)}
 
     def field(name):
         default, help, choices, kind = specs[name]

@@ -21,9 +21,12 @@ MAX_FOLDERS = 200
 
 
 class Trainer:
-    def __init__(self, jobs: Jobs, data_root: Path | None):
+    def __init__(self, jobs: Jobs, data_root: Path | None, defaults: dict | None = None):
+        """`defaults`: options whose starting value in the form is not the config's (the studio's --base: a run
+        trained on another base than the studio's would not apply to it)."""
         self.jobs = jobs
         self.root = Path(data_root).resolve() if data_root else None
+        self.defaults = dict(defaults or {})
 
     # ---------------------------------------------------------------- data
 
@@ -156,8 +159,9 @@ DECIDED = ("data", "output_dir", "resume", "cache_dir", "overwrite")  # where th
 FOLDER_OPTIONS = ("reg_data", "validation_data")  # folders below the data root, like the training data
 
 
-def option_specs() -> list[tuple[str, object, str, tuple | None, type]]:
-    """(name, default, help, choices, kind) for every option the form shows, from the config dataclasses."""
+def option_specs(defaults: dict | None = None) -> list[tuple[str, object, str, tuple | None, type]]:
+    """(name, default, help, choices, kind) for every option the form shows, from the config dataclasses (or
+    `defaults`)."""
     import types
     import typing
 
@@ -170,7 +174,8 @@ def option_specs() -> list[tuple[str, object, str, tuple | None, type]]:
         args = [a for a in typing.get_args(typ) if a is not type(None)]
         kind = args[0] if typing.get_origin(typ) in (typing.Union, types.UnionType) else typ
         kind = list if typing.get_origin(kind) is list else kind
-        out.append((f.name, default_of(f), f.metadata.get("help", ""), f.metadata.get("choices"), kind))
+        out.append((f.name, (defaults or {}).get(f.name, default_of(f)), f.metadata.get("help", ""),
+                    f.metadata.get("choices"), kind))
     return out
 
 
@@ -192,9 +197,9 @@ def form_values(names: list[str], values: list) -> dict:
     return out
 
 
-def form_updates(names: list[str], settings: dict) -> list:
+def form_updates(names: list[str], settings: dict, defaults: dict | None = None) -> list:
     """Values to put back into the form for `settings` (a run's TOML), the defaults elsewhere."""
-    specs = {name: (default, kind) for name, default, _, _, kind in option_specs()}
+    specs = {name: (default, kind) for name, default, _, _, kind in option_specs(defaults)}
     out = []
     for name in names:
         default, kind = specs[name]
