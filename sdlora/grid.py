@@ -40,7 +40,11 @@ def _cell(params: Params, blend: list[BlendItem], axis: Axis, value: float) -> t
 
 
 def xy_grid(engine: Engine, params: Params, blend: list[BlendItem], x: Axis, y: Axis, mode: str = "fast"):
-    """Generate every (x, y) cell with one image each; return the labelled grid and the cells' infotexts."""
+    """Generate every (x, y) cell with one image each; return the labelled grid and the cells' infotexts. A seed of
+    -1 is drawn here; the caller who names the file after it draws it first."""
+    if (x.kind, x.lora) == (y.kind, y.lora):
+        raise ConfigError(f"both axes vary {x.title}: the second would overwrite the first in every cell; give the "
+                          "Y axis another LoRA or kind")
     if params.seed == -1:
         import random
 

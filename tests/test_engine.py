@@ -263,6 +263,8 @@ def test_xy_grid(engine):
     assert len(texts) == 6 and "<lora:alpha:0.5>" in texts[1] and "Seed: 2," in texts[3]
     arr = np.asarray(grid)
     assert (arr[:20, 110:] < 128).any() and (arr[24:, :100] < 128).any()  # the labels were drawn
+    with pytest.raises(ConfigError, match="both axes vary"):  # rows labelled by a weight the columns overwrite
+        xy_grid(engine, Params(**PARAMS), [], Axis("lora", [0, 1], lora="alpha"), Axis("lora", [0, 1], lora="alpha"))
 
 
 def test_loha_generates(library, tmp_path):

@@ -294,6 +294,10 @@ def test_grid_and_png_info_through_the_api(server):
 
     with Image.open(grid) as g:
         assert g.size == (110 + 2 * 64, 24 + 2 * 64)
+    client.predict(["watercolor"], "fast", "inkstyle", "0, 1", "cfg", None, "5", "a circle", "", -1, 2, 5.0,
+                   64, 64, "Euler", *slots, api_name="/grid")  # a seed drawn at random: the file is named after it
+    newest = max(server["out"].glob("*-grid.png"), key=lambda p: p.stat().st_mtime)
+    assert newest.name.split("-")[1] == read_png_parameters(newest)["Seed"] != "0"
     gallery, _, _ = client.predict(["inkstyle", "watercolor"], "exact", "a red circle", "", 11, 2, 7.0, 64, 64, 1, 1,
                                    "Euler a", "inkstyle", 0.8, 0.6, "watercolor", 0.4, 1.2, *slots[6:],
                                    api_name="/generate")

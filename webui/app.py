@@ -104,13 +104,18 @@ class Studio:
     def grid(self, selected, mode, x_lora, x_values, y_kind, y_lora, y_values, prompt, negative, seed, steps, cfg,
              width, height, scheduler, *slot_values):
         params = self._params(prompt, negative, seed, steps, cfg, width, height, 1, 1, scheduler)
+        if params.seed == -1:  # drawn here, so the file is named after the seed its recipe holds
+            import dataclasses
+            import random
+
+            params = dataclasses.replace(params, seed=random.randrange(2**32))
         x = Axis("lora", _floats(x_values), lora=str(x_lora or ""))
         y = Axis(str(y_kind), _floats(y_values), lora=str(y_lora or ""))
         for axis in (x, y):
             if axis.kind == "lora":
                 self.engine.library.get(axis.lora)
         image, texts = xy_grid(self.engine, params, self._blend(selected, slot_values), x, y, str(mode))
-        path = next_output_path(self.output_dir, params.seed if params.seed != -1 else 0)
+        path = next_output_path(self.output_dir, params.seed)
         path = path.with_name(path.stem + "-grid.png")
         save_png(image, path, texts[0])
         return str(path)
