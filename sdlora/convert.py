@@ -59,7 +59,7 @@ def info(path: Path) -> dict:
             components["text_encoder_2"] += 1
         else:
             components["text_encoder"] += 1
-    ranks = Counter(m.rank for m in lf.modules.values())
+    ranks = Counter(m.rank or "full" for m in lf.modules.values())  # (0: a LoKr factor not split in two)
     alphas = Counter(m.alpha if m.alpha is not None else float(m.rank) for m in lf.modules.values())
     dtypes = Counter(str(t.dtype).removeprefix("torch.") for k, t in lf.raw.items() if not k.endswith("alpha"))
     meta = lf.metadata
@@ -78,7 +78,7 @@ def info(path: Path) -> dict:
         "family": lf.family,
         "family_source": lf.family_source,
         "modules": dict(components),
-        "ranks": {str(k): v for k, v in sorted(ranks.items())},
+        "ranks": {str(k): v for k, v in sorted(ranks.items(), key=lambda kv: (isinstance(kv[0], str), kv[0]))},
         "alphas": {f"{k:g}": v for k, v in sorted(alphas.items())},
         "parameters": sum(t.numel() for k, t in lf.raw.items() if not k.endswith("alpha")),
         "file_bytes": Path(path).stat().st_size,
