@@ -97,7 +97,10 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
     cfg = train_config_from_args(ns)
     result = train(cfg, progress=not ns.quiet)  # (-q: no progress bar either)
-    print(result.summary())
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # (under torchrun every process returns here; one wrote the adapter)
+        print(result.summary())
     return 0
 
 

@@ -279,10 +279,14 @@ class Engine:
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         resolved = self._resolve(blend)
-        if self.quantized and any(mode == "fast" or not lf.plain for _, _, lf, _ in resolved):
+        merge_only = [item.name for item, _, lf, _ in resolved if not lf.plain]
+        if self.quantized and mode == "fast":
             raise ConfigError(f"the base is quantized ({self.quantized}), so a LoRA cannot be merged into its weights: "
-                              "use exact mode (DoRA, LyCORIS LoHa/LoKr and LoCon with a Tucker core can only be merged, "
-                              "so they need a full-precision base)")
+                              "use exact mode")
+        if self.quantized and merge_only:
+            raise ConfigError(f"the base is quantized ({self.quantized}), and {', '.join(merge_only)} can only be "
+                              "merged into its weights (DoRA, LyCORIS LoHa/LoKr and LoCon with a Tucker core are): "
+                              "they need a full-precision base")
         self._set_tokens(resolved)
         merged = [(i, k, f) for i, k, lf, f in resolved if mode == "fast" or not lf.plain]
         exact = [(i, k, f) for i, k, lf, f in resolved if mode == "exact" and lf.plain]

@@ -50,9 +50,11 @@ def require(kind: str, backend: str) -> None:
     try:
         torchao() if backend == "torchao" else bitsandbytes()
     except ImportError:
+        other = "torchao" if backend == "bitsandbytes" else "bitsandbytes"
+        instead = (f"or --quantize-backend {other}, which is installed" if _installed(other) else
+                   f"{other}, the other backend, is not installed either; pip install 'sdlora[quant]' installs both")
         raise MissingDependencyError(f"--quantize-base {kind} with the {backend} backend needs {backend}: pip install "
-                                     f"{backend} (or pip install 'sdlora[quant]'; --quantize-backend picks the other "
-                                     "backend)") from None
+                                     f"{backend} ({instead})") from None
 
 
 @functools.cache  # (once: the filter below is added to a logger)

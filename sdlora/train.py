@@ -265,10 +265,16 @@ def _log_losses(run: Run, bar) -> None:
 
 def _start(cfg: TrainConfig) -> Run:
     """The run's accelerator and its data, checked by the dataset doctor and reported before any model is loaded."""
+    backend = ""
+    if cfg.quantize_base:  # before the data is scanned and anything loads: say what to install
+        from . import quant
+
+        backend = quant.backend_for(cfg.quantize_backend)
+        quant.require(cfg.quantize_base, backend)
     accelerator = _accelerator(cfg)
     doctor = diagnose(cfg, processes=accelerator.num_processes, require=True, thorough=accelerator.is_main_process)
     report = doctor.scan
-    run = Run(doctor.cfg, accelerator, report, adapter_name(doctor.cfg), reg=doctor.reg)
+    run = Run(doctor.cfg, accelerator, report, adapter_name(doctor.cfg), reg=doctor.reg, quantize_backend=backend)
     for flag, folder in (("--output-dir", run.out), ("--cache-dir", run.cfg.cache_dir)):
         if folder is not None and folder.exists() and not folder.is_dir():
             raise ConfigError(f"{flag} {folder} is a file; give a folder (it is made if missing)")
@@ -290,11 +296,7 @@ def _load_and_inject(run: Run) -> tuple[int, list[torch.nn.Parameter]]:
     """The base, frozen, on the device; LoRA on the UNet and, when asked, the text encoders. Returns the base's
     parameter count and the trainable LoRA parameters (kept in fp32 under mixed precision)."""
     cfg, device = run.cfg, run.accelerator.device
-    if cfg.quantize_base:
-        from . import quant
-
-        backend = run.quantize_backend = quant.backend_for(cfg.quantize_backend)
-        quant.require(cfg.quantize_base, backend)  # before anything loads: say what to install
+    backend = run.quantize_backend
     base = run.base = load_base(cfg.base, seed=cfg.seed, prediction_type=cfg.prediction_type or None,
                                 config=cfg.base_config or None)
     torch.manual_seed(cfg.seed)  # after loading, so the LoRA's initial weights follow --seed whatever the base did
@@ -308,6 +310,8 @@ def _load_and_inject(run: Run) -> tuple[int, list[torch.nn.Parameter]]:
     for m in base.modules().values():
         m.requires_grad_(False)
     if cfg.quantize_base:  # before LoRA goes on, in the compute dtype: peft wraps the quantized layers
+        from . import quant
+
         for m in [base.unet, *base.text_encoders]:
             m.to(device, dtype=weight_dtype)
             quant.quantize(m, cfg.quantize_base, backend)

@@ -5,6 +5,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 from test_train import read
 
 from sdlora import quant
@@ -107,6 +108,10 @@ def test_generation_on_a_quantized_base_is_exact_mode_only(tmp_path, kind, backe
     from test_formats import write_adapter
 
     write_adapter(tmp_path, "tiny-sd", "kohya", True, preset="full", seed=1, stem="full")  # LoCon, full precision
+    g, q = torch.Generator().manual_seed(0), "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_out_0"
+    save_file({f"{q}.hada_w1_a": torch.randn(32, 2, generator=g), f"{q}.hada_w1_b": torch.randn(2, 32, generator=g),
+               f"{q}.hada_w2_a": torch.randn(32, 2, generator=g), f"{q}.hada_w2_b": torch.randn(2, 32, generator=g),
+               f"{q}.alpha": torch.tensor(2.0)}, str(tmp_path / "ha.safetensors"))  # LoHa: only merged
     params = Params(prompt="a red circle", seed=2, steps=3, width=64, height=64, scheduler="Euler")
     reference = Engine("tiny-sd", tmp_path)
     engine = Engine("tiny-sd", tmp_path, quantize=kind, quantize_backend=backend)
@@ -118,6 +123,8 @@ def test_generation_on_a_quantized_base_is_exact_mode_only(tmp_path, kind, backe
     assert np.abs(with_lora - want).mean() < np.abs(bare - want).mean()  # and moves the image toward the full one
     with pytest.raises(ConfigError, match="use exact mode"):
         engine.generate(params, [BlendItem("full", 1.0)], "fast")
+    with pytest.raises(ConfigError, match="and ha can only be merged"):  # (exact mode already: not "use exact mode")
+        engine.generate(params, [BlendItem("ha", 1.0)])
 
 
 def test_a_missing_backend_is_named_before_any_model_loads(tmp_path, dataset, monkeypatch):
@@ -133,6 +140,7 @@ def test_a_missing_backend_is_named_before_any_model_loads(tmp_path, dataset, mo
     monkeypatch.setattr(quant, "bitsandbytes", no_bitsandbytes)
     monkeypatch.setattr(quant, "_installed", lambda name: True)  # as if both were there, but neither imports
     monkeypatch.setattr(training, "load_base", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(training, "diagnose", lambda *a, **k: pytest.fail("the data was scanned first"))
     with pytest.raises(MissingDependencyError, match="pip install torchao"):
         train(config(tmp_path, dataset, quantize_base="nf4", quantize_backend="torchao"))
     with pytest.raises(MissingDependencyError, match="with the bitsandbytes backend needs bitsandbytes: pip install bitsandbytes"):
@@ -155,6 +163,13 @@ def test_a_missing_backend_is_named_before_any_model_loads(tmp_path, dataset, mo
                               ({"bitsandbytes"}, "bitsandbytes"), (set(), "bitsandbytes")):
         monkeypatch.setattr(quant, "_installed", lambda name, have=installed: name in have)
         assert quant.backend_for("auto") == picked and quant.backend_for("torchao") == "torchao"
+    # The message names the other backend only where it is installed
+    monkeypatch.setattr(quant, "_installed", lambda name: name == "torchao")
+    with pytest.raises(MissingDependencyError, match="or --quantize-backend torchao, which is installed"):
+        quant.require("int8", "bitsandbytes")
+    monkeypatch.setattr(quant, "_installed", lambda name: False)
+    with pytest.raises(MissingDependencyError, match="torchao, the other backend, is not installed either"):
+        quant.require("int8", "bitsandbytes")
 
 
 @pytest.mark.slow
