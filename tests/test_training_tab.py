@@ -76,6 +76,22 @@ def test_settings_are_saved_as_a_toml_that_train_reads(trainer):
         trainer.save_toml("../x", "")
 
 
+def test_the_tab_s_toml_names_paths_absolutely_and_a_bad_upload_by_its_own_name(trainer, tmp_path):
+    from webui.train_tab import Handlers
+    from webui.training import form_updates, option_specs
+
+    names = [n for n, *_ in option_specs()]
+    do = Handlers(trainer, names, None, 0)
+    text, _ = do.as_toml("rim", *form_updates(names, {"base": "toy", "steps": 7}))
+    assert f'output_dir = "{trainer.jobs.outputs.resolve() / "rim"}"' in text and f'data = "{trainer.root / "rim"}"' in text
+    upload = tmp_path / "cache" / "0123abcd" / "mine.toml"  # where Gradio keeps an uploaded file
+    upload.parent.mkdir(parents=True)
+    upload.write_text("bogus_key = 1\n")
+    with pytest.raises(ConfigError) as e:
+        do.loaded(str(upload))
+    assert "mine.toml: unknown option 'bogus_key'" in str(e.value) and "0123abcd" not in str(e.value)
+
+
 def test_a_page_of_captions_saves_only_what_changed_and_never_over_a_change_made_elsewhere(trainer):
     shown = [[p.relative_to(trainer.root / "rim").as_posix(), c] for p, c in trainer.page("rim", 0)]
     files = [trainer.root / "rim" / Path(n).with_suffix(".txt") for n, _ in shown]

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import gradio as gr
 
-from sdlora.config import dump_toml, load_toml
+from sdlora.config import anchored, dump_toml, load_toml
+from sdlora.errors import ConfigError
 from webui.training import BASICS, PAGE, Trainer, form_updates, form_values, option_specs
 
 TICK = 2.0  # seconds between progress reads while the tab is open
@@ -81,7 +82,12 @@ class Handlers:
         return self._form(self.trainer.jobs.settings(name))
 
     def loaded(self, path):
-        return self._form(load_toml(Path(path))) if path else [gr.update()] * (1 + len(self.names))
+        if not path:
+            return [gr.update()] * (1 + len(self.names))
+        try:
+            return self._form(load_toml(Path(path)))
+        except ConfigError as e:  # named as the user knows it, not by Gradio's upload cache
+            raise ConfigError(str(e).replace(str(path), Path(path).name)) from None
 
     def _form(self, settings: dict) -> list:
         settings = self.trainer.relative(settings)
@@ -89,7 +95,7 @@ class Handlers:
 
     def as_toml(self, rel, *form):
         cfg = self.trainer.config(rel, form_values(self.names, list(form)))
-        text = dump_toml(cfg)
+        text = dump_toml(anchored(cfg))  # (as a run's own TOML: repeats it from any folder)
         return text, str(self.trainer.save_toml(cfg.name or Path(cfg.data.data).name, text))
 
 

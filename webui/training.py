@@ -130,7 +130,9 @@ class Trainer:
         for key in FOLDER_OPTIONS:
             if key in values:
                 values[key] = str(self.folder(values[key]))
-        return build_config({**values, "data": str(self.folder(rel))})
+        folder = self.folder(rel)  # the run goes to outputs/NAME, as Start sends it (and so its TOML says)
+        output = self.jobs.folder(str(values.get("name") or folder.name)).resolve()
+        return build_config({**values, "data": str(folder), "output_dir": str(output)})
 
     def relative(self, settings: dict) -> dict:
         """A run's settings with its folders as the tab names them (relative to the data root)."""
