@@ -120,13 +120,10 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     existing = [p for p in named if p.exists()]
     if existing and not ns.overwrite:  # checked before loading anything: nothing the user made is replaced unasked
         raise ConfigError(f"{existing[0]} already exists; pass --overwrite to replace it, or another --out")
-    files, blend = [], []
-    for arg in ns.lora or []:
-        path, unet_w, te_w = parse_lora_arg(arg)
-        files.append(path)
-        blend.append(BlendItem(path.stem, unet=unet_w, te=te_w))
-    engine = Engine(ns.base, lora_files=files, base_config=ns.base_config, quantize=ns.quantize_base or "",
-                    quantize_backend=ns.quantize_backend)
+    loras = [parse_lora_arg(arg) for arg in ns.lora or []]
+    engine = Engine(ns.base, lora_files=[path for path, _, _ in loras], base_config=ns.base_config,
+                    quantize=ns.quantize_base or "", quantize_backend=ns.quantize_backend)
+    blend = [BlendItem(engine.library.name_of(path), unet=unet_w, te=te_w) for path, unet_w, te_w in loras]
     params = Params(prompt=ns.prompt, negative_prompt=ns.negative_prompt, seed=ns.seed, steps=ns.steps,
                     cfg_scale=ns.cfg, width=ns.width, height=ns.height, batch_size=ns.batch_size,
                     batch_count=ns.batch_count, scheduler=ns.scheduler)

@@ -135,34 +135,47 @@ class LoraLibrary:
         self.rescan()
 
     def rescan(self) -> None:
+        """Each LoRA is named by its file name without .safetensors; where two share one (in two subfolders, or
+        two run folders given as files), each is named by its path below the folder (`styles/rim`), or a given
+        file by its folder's name and then a number (`run2/rim`, `run2/rim 2`): none is hidden by another."""
         entries: dict[str, LoraInfo] = {}
         if self.folder is not None:
             if not self.folder.is_dir():
                 raise ConfigError(f"LoRA folder not found: {self.folder}")
-            for path in sorted(self.folder.rglob("*.safetensors")):
-                real = path.resolve()
-                if real.is_relative_to(self.folder) and real.is_file() and path.stem not in entries:
-                    entries[path.stem] = self._entry(path, self.folder)
+            found = [p for p in sorted(self.folder.rglob("*.safetensors"))
+                     if p.resolve().is_relative_to(self.folder) and p.resolve().is_file()]
+            stems = Counter(p.stem for p in found)
+            for path in found:
+                name = path.stem if stems[path.stem] == 1 else path.relative_to(self.folder).with_suffix("").as_posix()
+                entries[name] = self._entry(path, self.folder, name)
         for path in self.files:
             if not path.is_file():
                 raise ConfigError(f"LoRA file not found: {path}")
-            if path.stem in entries and entries[path.stem].path != path.resolve():
-                raise ConfigError(f"two LoRAs are named {path.stem!r}; rename one")
-            entries[path.stem] = self._entry(path, path.resolve().parent)
+            if any(e.path == path.resolve() for e in entries.values()):
+                continue  # (the same file twice)
+            name, n = path.stem, 1
+            while name in entries:
+                n += 1
+                name = f"{path.resolve().parent.name}/{path.stem}" + (f" {n - 1}" if n > 2 else "")
+            entries[name] = self._entry(path, path.resolve().parent, name)
         self.entries = entries
         live = {file_key(e.path) for e in entries.values()}
         self._seen = {k: v for k, v in self._seen.items() if k in live}
 
-    def _entry(self, path: Path, root: Path) -> LoraInfo:
+    def name_of(self, path: Path) -> str:
+        """The name the library gave the file at `path`."""
+        return next(n for n, e in self.entries.items() if e.path == Path(path).resolve())
+
+    def _entry(self, path: Path, root: Path, name: str) -> LoraInfo:
         key = file_key(path.resolve())
-        if key not in self._seen or self._seen[key].name != path.stem:
-            self._seen[key] = self._describe(path, root)
+        if key not in self._seen or self._seen[key].name != name:
+            self._seen[key] = self._describe(path, root, name)
         return self._seen[key]
 
-    def _describe(self, path: Path, root: Path) -> LoraInfo:
+    def _describe(self, path: Path, root: Path, name: str) -> LoraInfo:
         import json
 
-        real, name = path.resolve(), path.stem
+        real = path.resolve()
         try:
             lf = peek_lora(real)
         except FormatError as e:
@@ -174,7 +187,7 @@ class LoraLibrary:
         if sidecar.is_file() and sidecar.resolve().is_relative_to(root):
             with contextlib.suppress(ValueError, UnicodeDecodeError, AttributeError, TypeError):
                 weight = float(json.loads(sidecar.read_text(encoding="utf-8")).get("preferred weight") or 1.0)
-        preview = path.with_name(name + ".preview.png")
+        preview = path.with_name(path.stem + ".preview.png")
         preview = preview.resolve() if preview.is_file() and preview.resolve().is_relative_to(root) else None
         ok = lf.family in (None, self.family)
         problem = "" if ok else f"made for {lf.family}, the base is {self.family}"

@@ -412,3 +412,31 @@ def test_recipes_are_parsed_in_linear_time_and_huge_ones_refused():
         assert time.perf_counter() - started < 1.0  # one pass: milliseconds (the old pattern: minutes)
     with pytest.raises(FormatError, match="at most 65,536"):
         parse_parameters("x\nSteps: 3, " + "a" * MAX_PARAMETERS)
+
+
+def test_loras_sharing_a_file_name_each_get_a_name_none_hidden(library, tmp_path, capsys):
+    """Two runs named alike (the default name is the data folder's) or two subfolders holding one name: each
+    file is listed (the folder scan used to keep the first and drop the rest), and the CLI blends both."""
+    import shutil
+
+    from sdlora.cli import main
+    from sdlora.engine import LoraLibrary
+
+    for sub, source in (("styles", "alpha"), ("chars", "beta")):
+        (tmp_path / "lib" / sub).mkdir(parents=True)
+        shutil.copy(library / f"{source}.safetensors", tmp_path / "lib" / sub / "rim.safetensors")
+    shutil.copy(library / "alpha.safetensors", tmp_path / "lib" / "solo.safetensors")
+    listed = LoraLibrary(tmp_path / "lib", "sd1")
+    assert sorted(listed.entries) == ["chars/rim", "solo", "styles/rim"]
+    given = LoraLibrary(None, "sd1", [tmp_path / "lib" / "styles" / "rim.safetensors",
+                                      tmp_path / "lib" / "chars" / "rim.safetensors",
+                                      tmp_path / "lib" / "styles" / "rim.safetensors"])  # (the same file twice)
+    assert sorted(given.entries) == ["chars/rim", "rim"]
+    assert given.name_of(tmp_path / "lib" / "chars" / "rim.safetensors") == "chars/rim"
+    out = tmp_path / "both.png"
+    assert main(["generate", "--prompt", "x", "--steps", "2", "--seed", "1", "--out", str(out),
+                 "--lora", f"{tmp_path / 'lib' / 'styles' / 'rim.safetensors'}:0.5",
+                 "--lora", f"{tmp_path / 'lib' / 'chars' / 'rim.safetensors'}:0.7"]) == 0
+    from sdlora.recipe import read_png_parameters
+
+    assert "<lora:rim:0.5> <lora:chars/rim:0.7>" in read_png_parameters(out)["prompt"]

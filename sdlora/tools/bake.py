@@ -124,7 +124,7 @@ def bake(base: str, items: list[Item], out: Path, *, layout: str = "single", pre
         raise ConfigError("give at least one --lora to bake in")
     engine = Engine(base, lora_files=[i.path for i in items], base_config=base_config, device="cpu",
                     dtype=torch.float32)
-    engine.apply([BlendItem(Path(i.path).stem, i.unet, i.te) for i in items], "fast")
+    engine.apply([BlendItem(engine.library.name_of(i.path), i.unet, i.te) for i in items], "fast")
     if layout == "diffusers":
         _save_folder(engine, out, PRECISIONS[precision])
     elif layout == "single":
