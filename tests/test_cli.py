@@ -80,3 +80,22 @@ def test_mistakes_found_by_a_new_user_are_one_clear_line_before_any_model_loads(
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err, err
     assert not (tmp_path / "m.safetensors").exists() and (tmp_path / "afile").read_text() == ""
+
+
+@pytest.mark.parametrize("argv, progress", [(["train"], True), (["-q", "train"], False), (["train", "-q"], False)])
+def test_quiet_also_hides_the_training_progress_bar(monkeypatch, tmp_path, argv, progress):
+    import sdlora.train
+
+    seen = {}
+
+    class Done:
+        def summary(self):
+            return "done"
+
+    def spy(cfg, *, progress):
+        seen["progress"] = progress
+        return Done()
+
+    monkeypatch.setattr(sdlora.train, "train", spy)
+    assert main([*argv, "--data", str(tmp_path)]) == 0
+    assert seen == {"progress": progress}
