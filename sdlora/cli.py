@@ -110,6 +110,8 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     from .recipe import next_output_path, save_png
 
     n, named = ns.batch_size * ns.batch_count, []  # the --out files, known before anything runs
+    if ns.out and ns.out.is_dir():
+        raise ConfigError(f"--out {ns.out} is a folder; give a file name (or --output-dir for numbered files)")
     if ns.out and not ns.out.suffix:
         ns.out = ns.out.with_suffix(".png")
     if ns.out and ns.out.suffix.lower() != ".png":
@@ -415,7 +417,8 @@ def _workshop_commands(command) -> None:
     p.add_argument("--base", help="The base the LoRAs were made for, for custom architectures (default: the "
                                   "full-size layout of their family).")
     p.add_argument("--format", choices=("kohya", "diffusers"), default="kohya", help="Output layout (default: kohya).")
-    _precision_option(p, "the LoRAs' own, fp32 when they differ; only fp32 keeps a concatenation exact")
+    _precision_option(p, "fp32 for a concatenation, which it keeps exact; with --rank, the LoRAs' own, fp32 when "
+                         "they differ")
     p.add_argument("--overwrite", action="store_true", help="Replace --out if it exists.")
     p.set_defaults(func=cmd_merge)
 

@@ -32,8 +32,8 @@ def reference(lf: LoraFile, base: str | None):
     """The models whose module names a file is read against: a given base; else the built-in base (toy, tiny-sd,
     tiny-sdxl) the file's metadata says it was trained on, which is always at hand; else the full-size family
     layout."""
-    if not base and lf.metadata.get("ss_sd_model_name") in BUILTINS:
-        base = lf.metadata["ss_sd_model_name"]
+    if not base and lf.metadata.get("sdlora_builtin_base") in BUILTINS:
+        base = lf.metadata["sdlora_builtin_base"]
         log.info(f"{lf.path.name} was trained on the built-in base {base!r}: read against it (--base to change)")
     if base:
         from .models import load_base
@@ -95,13 +95,13 @@ def info(path: Path) -> dict:
     }
 
 
-EMBEDDING_FAMILIES = {(768,): "sd1", (1024,): "sd2", (768, 1280): "sdxl"}  # by the widths of the vectors
+EMBEDDING_FAMILIES = {(768,): "sd1", (1024,): "sd2", (768, 1280): "sdxl"}  # by the widths of the vectors, sorted
 
 
 def _embedding_info(path: Path, header: dict, meta: dict[str, str]) -> dict:
     """A textual-inversion file (`--embedding-only` writes one): its vectors, per text encoder."""
     shapes = {k: v["shape"] for k, v in sorted(header.items())}
-    family = EMBEDDING_FAMILIES.get(tuple(s[-1] for s in shapes.values()))
+    family = EMBEDDING_FAMILIES.get(tuple(sorted(s[-1] for s in shapes.values())))
     digest = data_hash(read_safetensors_bytes(path)[2])
     return {
         "file": path.name, "format": "textual-inversion embedding", "kind": "embedding", "family": family,

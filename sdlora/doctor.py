@@ -196,6 +196,10 @@ def diagnose(cfg: TrainConfig, *, sheet: Path | None = None, processes: int = 1,
     if d.data is None:
         raise DataError("no training data: pass --data FOLDER (or `data = \"...\"` in the config file)")
     made = (cfg.output_dir, cfg.cache_dir)  # (a run started from inside its data folder writes there)
+    for flag, folder in zip(("--output-dir", "--cache-dir"), made, strict=True):
+        if folder is not None and Path(folder).resolve() == Path(d.data).resolve():
+            raise DataError(f"{flag} {folder} is the data folder: what a run writes there would be read as training "
+                            "images next time; give another folder (a subfolder of it is fine)")
     scan = scan_folder(d.data, resolution=d.resolution, bucket_step=d.bucket_step, bucket=d.bucket,
                        upscale=d.upscale, default_caption=d.default_caption, trigger=d.trigger, require=require,
                        exclude=made)

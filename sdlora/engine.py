@@ -132,12 +132,13 @@ class LoraLibrary:
         self.files = [Path(f) for f in files]
         self.entries: dict[str, LoraInfo] = {}
         self._seen: dict[tuple, LoraInfo] = {}
-        self.rescan()
+        self.rescan(strict=True)
 
-    def rescan(self) -> None:
+    def rescan(self, strict: bool = False) -> None:
         """Each LoRA is named by its file name without .safetensors; where two share one (in two subfolders, or
         two run folders given as files), each is named by its path below the folder (`styles/rim`), or a given
-        file by its folder's name and then a number (`run2/rim`, `run2/rim 2`): none is hidden by another."""
+        file by its folder's name and then a number (`run2/rim`, `run2/rim 2`): none is hidden by another. A given
+        file that is missing is an error when the library is made (`strict`), and dropped later (deleted since)."""
         entries: dict[str, LoraInfo] = {}
         if self.folder is not None:
             if not self.folder.is_dir():
@@ -148,9 +149,13 @@ class LoraLibrary:
             for path in found:
                 name = path.stem if stems[path.stem] == 1 else path.relative_to(self.folder).with_suffix("").as_posix()
                 entries[name] = self._entry(path, self.folder, name)
-        for path in self.files:
+        for path in list(self.files):
             if not path.is_file():
-                raise ConfigError(f"LoRA file not found: {path}")
+                if strict:
+                    raise ConfigError(f"LoRA file not found: {path}")
+                log.warning(f"{path} is gone; it leaves the library")
+                self.files.remove(path)
+                continue
             if any(e.path == path.resolve() for e in entries.values()):
                 continue  # (the same file twice)
             name, n = path.stem, 1
@@ -293,7 +298,7 @@ class Engine:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         resolved = self._resolve(blend)
         merge_only = [item.name for item, _, lf, _ in resolved if not lf.plain]
-        if self.quantized and mode == "fast":
+        if self.quantized and mode == "fast" and resolved:
             raise ConfigError(f"the base is quantized ({self.quantized}), so a LoRA cannot be merged into its weights: "
                               "use exact mode")
         if self.quantized and merge_only:

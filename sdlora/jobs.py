@@ -25,6 +25,7 @@ from .config import TrainConfig, dump_toml, load_toml
 from .errors import ConfigError
 from .logs import read_csv
 from .safefiles import atomic_write_bytes
+from .state import earlier_run
 
 LOG = Path("logs") / "train.log"
 START = b"--- sdlora: run started ---"  # each start's output follows one of these in the log
@@ -82,6 +83,13 @@ class Jobs:
             if name in self.jobs and self.jobs[name].status in ("queued", "running", "stopping"):
                 raise ConfigError(f"run {name!r} is already {self.jobs[name].status}; stop it first or choose "
                                   "another name")
+            # Before its TOML is replaced: an earlier run of this name keeps its settings, adapter and resume point.
+            if (folder / f"{name}.safetensors").is_file():
+                raise ConfigError(f"run {name!r} has finished already (its LoRA is {name}.safetensors); choose "
+                                  "another name")
+            if earlier_run(folder, name):
+                raise ConfigError(f"run {name!r} was stopped before its end and can go on: press Resume, or choose "
+                                  "another name to start afresh")
             cfg = replace(cfg, name=name, output_dir=folder)
             folder.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(folder / f"{name}.toml", dump_toml(cfg).encode())

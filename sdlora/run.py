@@ -15,7 +15,7 @@ import torch
 
 from . import lora
 from .adapters import adapter_bytes, safetensors_bytes, write_adapter
-from .config import TrainConfig, anchored
+from .config import BUILTINS, TrainConfig, anchored
 from .embeddings import bundle_tensors, textual_inversion_tensors
 from .logs import write_csv
 from .metadata import training_metadata
@@ -168,6 +168,8 @@ def _adapter_blob(run: Run) -> bytes:
         decompose_both=cfg.adapter.decompose_both,
     )
     meta["ss_mixed_precision"] = run.accelerator.mixed_precision  # what ran ("no" for fp32), as kohya records it
+    if cfg.base in BUILTINS:  # (exactly: ss_sd_model_name is a folder's or Hub id's last part, which may read alike)
+        meta["sdlora_builtin_base"] = cfg.base
     if run.reg:  # kohya's keys for regularisation images
         reg_dirs: dict = {}
         for item in run.reg.items:
@@ -204,8 +206,9 @@ def checkpoint(run: Run) -> None:
 
 
 def listing_hash(run: Run) -> str:
-    """What the run's images are: each file's path, size, modification time and repeats."""
-    rows = [(str(i.path), *(lambda st: (st.st_size, st.st_mtime_ns))(Path(i.path).stat()), i.repeats, i.reg)
+    """What the run's images are: each file's path (resolved: a resume may spell the folder another way), size,
+    modification time and repeats."""
+    rows = [(str(Path(i.path).resolve()), *(lambda st: (st.st_size, st.st_mtime_ns))(Path(i.path).stat()), i.repeats, i.reg)
             for i in run.items]
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 

@@ -30,6 +30,14 @@ def states(output_dir: Path, name: str) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
+def earlier_run(output_dir: Path, name: str) -> list[Path]:
+    """The saved states and step checkpoints (`NAME-stepNNNNNN.safetensors`) of a run named `name` in a folder."""
+    pattern = re.compile(rf"^{re.escape(name)}-step\d{{6,}}\.safetensors$")
+    folder = Path(output_dir)
+    checkpoints = sorted(p for p in folder.glob("*.safetensors") if pattern.match(p.name)) if folder.is_dir() else []
+    return states(folder, name) + checkpoints
+
+
 def latest_state(output_dir: Path, name: str) -> Path | None:
     found = states(output_dir, name)
     return found[0] if found else None

@@ -41,7 +41,7 @@ from .run import (
 )
 from .safefiles import atomic_write_bytes, read_safetensors, write_safetensors
 from .safety import optimizer_step, save_and_stop, signals
-from .state import load_state, states
+from .state import earlier_run, load_state, states
 
 log = logging.getLogger("sdlora")
 
@@ -189,8 +189,7 @@ def _earlier_run(run: Run) -> None:
     """A fresh run into a folder that holds checkpoints or states of an earlier run of the same name (one that was
     interrupted, say) would mix the two runs' files and lose the earlier one's resume point: refused, unless
     --overwrite, which removes them so that the folder holds one run."""
-    pattern = re.compile(rf"^{re.escape(run.name)}-step\d{{6,}}\.safetensors$")
-    earlier = states(run.out, run.name) + sorted(p for p in run.out.glob("*.safetensors") if pattern.match(p.name))
+    earlier = earlier_run(run.out, run.name)
     if not earlier:
         return
     if not run.cfg.overwrite:

@@ -48,6 +48,7 @@ def test_errors_that_are_not_sdloras_are_one_line_too(monkeypatch, capsys, error
 
 @pytest.mark.parametrize("argv, message", [
     (["generate", "--prompt", "x", "--out", "{tmp}/x.jpg"], "images are written as PNG"),
+    (["generate", "--prompt", "x", "--out", "{tmp}/d"], "is a folder"),
     (["bake", "--base", "tiny-sd", "--lora", "{tmp}/a.safetensors", "--format", "diffusers", "--out",
       "{tmp}/m.safetensors"], "--format diffusers writes a folder"),
     (["inspect", "{tmp}"], "is a folder; give a .safetensors file"),

@@ -157,6 +157,15 @@ def test_embedding_only_writes_a_textual_inversion_diffusers_loads(tmp_path, cap
     assert "textual-inversion embedding" in format_info(about) and "write yy in the prompt" in format_info(about)
 
 
+@pytest.mark.parametrize("widths, family", [({"emb_params": 768}, "sd1"), ({"emb_params": 1024}, "sd2"),
+                                            ({"clip_l": 768, "clip_g": 1280}, "sdxl"), ({"emb_params": 32}, None)])
+def test_inspect_tells_an_embedding_s_family_by_its_widths(tmp_path, widths, family):
+    path = tmp_path / "e.safetensors"
+    save_file({k: torch.zeros(2, w) for k, w in widths.items()}, str(path))
+    about = info(path)
+    assert about["family"] == family and all(v["count"] == 2 for v in about["vectors"].values())
+
+
 def test_bad_embedding_options_are_refused_before_training(tmp_path):
     data = make_dataset(tmp_path / "data", n=2, caption="a red circle")
     for adapter, message in [(dict(train_embedding=["<a>", "<a>:2"]), "names a token twice"),

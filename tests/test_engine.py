@@ -433,6 +433,12 @@ def test_loras_sharing_a_file_name_each_get_a_name_none_hidden(library, tmp_path
                                       tmp_path / "lib" / "styles" / "rim.safetensors"])  # (the same file twice)
     assert sorted(given.entries) == ["chars/rim", "rim"]
     assert given.name_of(tmp_path / "lib" / "chars" / "rim.safetensors") == "chars/rim"
+    (tmp_path / "lib" / "chars" / "rim.safetensors").unlink()  # deleted while the studio runs: it leaves, quietly
+    given.rescan()
+    assert sorted(given.entries) == ["rim"]
+    with pytest.raises(ConfigError, match="LoRA file not found"):  # (given missing at the start: an error)
+        LoraLibrary(None, "sd1", [tmp_path / "lib" / "chars" / "rim.safetensors"])
+    shutil.copy(library / "beta.safetensors", tmp_path / "lib" / "chars" / "rim.safetensors")
     out = tmp_path / "both.png"
     assert main(["generate", "--prompt", "x", "--steps", "2", "--seed", "1", "--out", str(out),
                  "--lora", f"{tmp_path / 'lib' / 'styles' / 'rim.safetensors'}:0.5",

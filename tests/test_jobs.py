@@ -60,6 +60,13 @@ def test_a_run_queues_stops_resumes_and_finishes_in_its_own_folder(tmp_path):
     wait(jobs, "long", lambda p: p.status == "stopped")
     with pytest.raises(ConfigError, match="'short' has finished"):  # (it used to start, fail, and read 'failed')
         jobs.resume("short")
+    # Start under a used name refuses before the run's TOML (its settings, which Resume uses) is replaced
+    tomls = {n: (tmp_path / "outputs" / n / f"{n}.toml").read_bytes() for n in ("short", "long")}
+    with pytest.raises(ConfigError, match="'short' has finished already"):
+        jobs.submit(config(data, "short", 9))
+    with pytest.raises(ConfigError, match="'long' was stopped before its end and can go on: press Resume"):
+        jobs.submit(config(data, "long", 9))
+    assert {n: (tmp_path / "outputs" / n / f"{n}.toml").read_bytes() for n in tomls} == tomls
     history = {r["name"]: r for r in jobs.history()}
     assert history["short"]["status"] == "finished"
     assert history["short"]["steps"] == 4 and history["short"]["final_loss"] > 0

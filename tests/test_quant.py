@@ -123,6 +123,7 @@ def test_generation_on_a_quantized_base_is_exact_mode_only(tmp_path, kind, backe
     assert np.abs(with_lora - want).mean() < np.abs(bare - want).mean()  # and moves the image toward the full one
     with pytest.raises(ConfigError, match="use exact mode"):
         engine.generate(params, [BlendItem("full", 1.0)], "fast")
+    assert np.abs(np.asarray(engine.generate(params, [], "fast").images[0], dtype=float) - bare).max() == 0  # no LoRA
     with pytest.raises(ConfigError, match="and ha can only be merged"):  # (exact mode already: not "use exact mode")
         engine.generate(params, [BlendItem("ha", 1.0)])
 

@@ -99,7 +99,8 @@ def test_resize_keeps_exactly_the_top_singular_directions(loras, tmp_path):
 
 def test_merge_and_resize_keep_the_sources_precision_unless_told(loras, tmp_path):
     """An fp16 LoRA resized is written in fp16 (it was written in fp32: halving the rank saved nothing); a merge of
-    fp16 files is fp16, of fp16 and fp32 fp32; --precision overrides; alphas stay fp32."""
+    fp16 files by SVD is fp16, by concatenation fp32 (exact), of fp16 and fp32 fp32; --precision overrides; alphas
+    stay fp32."""
     from safetensors import safe_open
 
     half, _ = write_adapter(tmp_path, "tiny-sd", "kohya", True, preset="attn", precision="fp16", seed=5, stem="h")
@@ -118,9 +119,12 @@ def test_merge_and_resize_keep_the_sources_precision_unless_told(loras, tmp_path
     sizes = [(tmp_path / f).stat().st_size for f in ("r.safetensors", "r32.safetensors")]
     assert sizes[0] < 0.8 * sizes[1]  # (the tiny file's header, the same in both, is most of it)
     assert main(["merge", str(half), str(half2), "--out", str(tmp_path / "m.safetensors"), *common]) == 0
-    assert dtypes(tmp_path / "m.safetensors") == {"F16"}
-    assert main(["merge", str(half), str(loras / "a.safetensors"), "--out", str(tmp_path / "mixed.safetensors"),
+    assert dtypes(tmp_path / "m.safetensors") == {"F32"}
+    assert main(["merge", str(half), str(half2), "--rank", "4", "--out", str(tmp_path / "m4.safetensors"),
                  *common]) == 0
+    assert dtypes(tmp_path / "m4.safetensors") == {"F16"}
+    assert main(["merge", str(half), str(loras / "a.safetensors"), "--rank", "4", "--out",
+                 str(tmp_path / "mixed.safetensors"), *common]) == 0
     assert dtypes(tmp_path / "mixed.safetensors") == {"F32"}
     with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
         assert {str(f.get_slice(k).get_dtype()) for k in f.keys() if k.endswith(".alpha")} == {"F32"}
@@ -279,3 +283,10 @@ def test_a_lora_of_a_built_in_base_needs_no_base_option(tmp_path, capsys):
     assert main(["resize", str(lora_file), "--rank", "2", "--out", str(tmp_path / "r.safetensors")]) == 0
     assert main(["analyze", str(lora_file)]) == 0
     assert "made for another model" not in capsys.readouterr().err
+    # Only the key sdlora writes for its own built-ins counts: a Hub model `someone/tiny-sd` has the same last name
+    from safetensors.torch import load_file, save_file
+
+    meta = {k: v for k, v in read_lora(lora_file).metadata.items() if k != "sdlora_builtin_base"}
+    save_file(load_file(str(lora_file)), str(tmp_path / "hub.safetensors"), metadata=meta)
+    assert meta["ss_sd_model_name"] == "tiny-sd"
+    assert main(["convert", str(tmp_path / "hub.safetensors"), str(tmp_path / "c2.safetensors"), "--to", "diffusers"]) == 2

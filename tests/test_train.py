@@ -227,7 +227,7 @@ def test_a_fresh_run_keeps_an_earlier_runs_checkpoints_and_states_unless_overwri
     assert (out / "data-step000002.safetensors").read_bytes() != before[out / "data-step000002.safetensors"]
 
 
-def test_the_runs_toml_repeats_and_resumes_it_from_another_folder(tmp_path, dataset, monkeypatch):
+def test_the_runs_toml_repeats_and_resumes_it_from_another_folder(tmp_path, dataset, monkeypatch, capsys):
     """Paths typed relative to where the run started are saved absolute: `--config NAME.toml` works anywhere."""
     import shutil
 
@@ -242,8 +242,10 @@ def test_the_runs_toml_repeats_and_resumes_it_from_another_folder(tmp_path, data
     monkeypatch.chdir(tmp_path / "b")
     assert main(["-q", "train", "--config", str(toml), "--name", "again"]) == 0
     assert (tmp_path / "a" / "out" / "again.safetensors").is_file()
-    # and the state saved under the relative spelling resumes under the absolute one
-    assert main(["-q", "train", "--config", str(toml), "--resume", "latest", "--steps", "2", "--overwrite"]) == 0
+    # and resumes the run from there, without taking the other spelling of its folder for changed images
+    capsys.readouterr()
+    assert main(["train", "--config", str(toml), "--resume", "latest", "--steps", "2", "--overwrite"]) == 0
+    assert "changed since" not in capsys.readouterr().err
 
 
 def test_no_usable_image_names_why(tmp_path, capsys):
@@ -265,6 +267,8 @@ def test_no_usable_image_names_why(tmp_path, capsys):
     # a mistyped base is named before the data is scanned (it used to fall back to 64 px and refuse the images)
     (["--base", "toyy", "--data", "{data}"], "base model 'toyy' not found"),
     (["--base", "/nonexistent/model", "--data", "{data}"], "base model '/nonexistent/model' not found"),
+    (["--data", "{data}", "--output-dir", "{data}"], "is the data folder"),
+    (["--data", "{data}", "--cache-dir", "{data}"], "is the data folder"),
 ])
 def test_errors_are_one_clear_line(tmp_path, dataset, capsys, argv, message):
     (tmp_path / "empty").mkdir()

@@ -64,6 +64,13 @@ def test_the_preflight_report_is_the_one_train_prints(trainer):
         trainer.preflight("rim", {"nonsense": 1})
 
 
+def test_a_folder_whose_name_is_no_run_name_still_shows_its_report(trainer):
+    shutil.copytree(trainer.root / "rim", trainer.root / "my photos")
+    assert "18 images found, 18 used" in trainer.preflight("my photos", {"base": "toy"})
+    with pytest.raises(ConfigError, match="run name 'my photos'"):  # (Start asks for a run name then)
+        trainer.start("my photos", {"base": "toy"})
+
+
 def test_settings_are_saved_as_a_toml_that_train_reads(trainer):
     from sdlora.config import build_config, dump_toml, load_toml
 

@@ -142,6 +142,12 @@ def test_select_weight_generate_in_a_browser(server):
         page.wait_for_timeout(2000)  # (whatever else the load sets off has run)
         assert {k: page.locator(k).input_value() for k in weights} == weights
         assert page.locator("#slot0-name textarea, #slot0-name input").first.input_value() == "inkstyle"
+        # Ticking one more keeps the rows that were there; the new one starts at its preferred weight.
+        page.locator("#selected").get_by_label("marked", exact=True).check()
+        page.wait_for_selector("#slot2-unet", state="visible")
+        page.wait_for_timeout(1000)
+        assert {k: page.locator(k).input_value() for k in weights} == weights
+        assert page.locator("#slot2-unet input[type=number]").input_value() == "1"
         browser.close()
     assert "<lora:inkstyle:0.6:0.8>" in info and "<lora:watercolor:1.2:0.4>" in info
     saved = sorted(server["out"].glob("*.png"))

@@ -65,15 +65,19 @@ class Studio:
         self.usable = [n for n, e in engine.library.entries.items() if e.compatible]
         self.native = engine.native_size  # the base's own size: 512 for SD 1.x, 1024 for SDXL, 32 for toy
 
-    def slots_for(self, selected):
-        """Show one weight row per ticked LoRA, at its preferred weight."""
+    def slots_for(self, selected, *slot_values):
+        """Show one weight row per ticked LoRA: a LoRA ticked before keeps the weights its row had (`slot_values`:
+        name, UNet weight, text-encoder weight per row), a newly ticked one starts at its preferred weight."""
         entries = self.engine.library.entries
         selected = [n for n in (selected or []) if n in entries][:MAX_SLOTS]
+        shown = {slot_values[k]: slot_values[k + 1:k + 3] for k in range(0, len(slot_values), 3) if slot_values[k]}
         updates = []
         for i in range(MAX_SLOTS):
             if i < len(selected):
                 w = entries[selected[i]].preferred_weight
-                updates += [gr.update(visible=True), gr.update(value=selected[i]), gr.update(value=w), gr.update(value=w)]
+                unet_w, te_w = shown.get(selected[i], (w, w))
+                updates += [gr.update(visible=True), gr.update(value=selected[i]), gr.update(value=unet_w),
+                            gr.update(value=te_w)]
             else:
                 updates += [gr.update(visible=False), gr.update(value=""), gr.update(), gr.update()]
         return updates
@@ -188,7 +192,8 @@ class Studio:
     def add_lora(self, path: Path):
         """A LoRA a run of the Train tab just finished, into the library: the list to tick and the cards."""
         library = self.engine.library
-        if Path(path) not in library.files:
+        inside = library.folder is not None and Path(path).resolve().is_relative_to(library.folder)
+        if not inside and Path(path) not in library.files:  # (one in the folder is found by the scan)
             library.files.append(Path(path))
         self.engine.rescan()
         self.usable = [n for n, e in library.entries.items() if e.compatible]
@@ -291,7 +296,7 @@ def _library(studio: Studio, prompt) -> dict:
         slot_outputs += [row, name, unet_w, te_w]
     # Only a tick by the user resets the weight rows to the preferred weights: a PNG's recipe ticks LoRAs and sets
     # their weights itself (.change fired for that too, and put every weight back to its preferred value).
-    selected.input(studio.slots_for, selected, slot_outputs)
+    selected.input(studio.slots_for, [selected, *slot_components], slot_outputs)
     with gr.Row():
         save_name = gr.Textbox(label="Name of the merged LoRA", elem_id="save-name", scale=2)
         save = gr.Button("Save this blend as one LoRA", elem_id="save-blend", scale=1)
@@ -377,7 +382,9 @@ def serve(base: str, lora_dir: Path, output_dir: Path, host: str = StudioConfig.
         import signal
 
         signal.signal(signal.SIGTERM, _interrupt)
-    log.info(f"sdlora web UI on http://{host}:{port} (Ctrl+C to stop)")
+    import sys
+
+    print(f"sdlora web UI on http://{host}:{port} (Ctrl+C to stop)", file=sys.stderr)  # (also with -q)
     try:
         app.launch(server_name=host, server_port=port, share=False, allowed_paths=allowed,
                    blocked_paths=[str(Path(lora_dir).resolve())] if lora_dir else None, prevent_thread_lock=not block,

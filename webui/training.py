@@ -130,8 +130,11 @@ class Trainer:
         for key in FOLDER_OPTIONS:
             if key in values:
                 values[key] = str(self.folder(values[key]))
-        folder = self.folder(rel)  # the run goes to outputs/NAME, as Start sends it (and so its TOML says)
-        output = self.jobs.folder(str(values.get("name") or folder.name)).resolve()
+        folder = self.folder(rel)
+        try:  # the run goes to outputs/NAME, as Start sends it (and so its TOML says); Start checks the name
+            output = self.jobs.folder(str(values.get("name") or folder.name)).resolve()
+        except ConfigError:  # (a folder such as "my photos" is not a run name: the report and thumbnails still show)
+            output = self.jobs.outputs.resolve()
         return build_config({**values, "data": str(folder), "output_dir": str(output)})
 
     def relative(self, settings: dict) -> dict:

@@ -2,8 +2,9 @@
 
 Without a rank the factors are concatenated, which is exact: Σ w_i·s_i·up_i·down_i = [w_1 s_1 up_1 | ...] @
 [down_1; ...]. With a rank, each module's summed update is reduced by SVD to that rank and the relative error is
-reported. LoHa and LoKr have no factors to concatenate, so a merge that includes them needs a rank. Written in
-the sources' precision (fp32 when they differ) unless told otherwise; only fp32 keeps a concatenation exact.
+reported. LoHa and LoKr have no factors to concatenate, so a merge that includes them needs a rank. A
+concatenation is written in fp32 (the scaled factors w·alpha/rank·up are often too small for fp16 to hold exactly), a
+reduction in the sources' precision (fp32 when they differ), unless told otherwise.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class MergeResult:
     unet_config: object
     metadata: dict[str, str]
     bundles: dict = field(default_factory=dict)  # every file's bundled embeddings
-    precision: str = "fp32"  # the sources' (fp32 when they differ)
+    precision: str = "fp32"  # fp32 for a concatenation; else the sources' (fp32 when they differ)
 
 
 def merge(items: list[Item], rank: int | None = None, base: str | None = None, models=None) -> MergeResult:
@@ -87,7 +88,7 @@ def merge(items: list[Item], rank: int | None = None, base: str | None = None, m
     meta = summary_metadata(first.metadata, merged, sdlora_merged_from=sources,
                             sdlora_merge_rank="concatenated (exact)" if rank is None else str(rank))
     return MergeResult(merged, errors, family, models["unet"].config, meta, bundles,
-                       precisions.pop() if len(precisions) == 1 else "fp32")
+                       precisions.pop() if len(precisions) == 1 and rank is not None else "fp32")
 
 
 def write_merge(result: MergeResult, out: Path, overwrite: bool = False, layout: str = "kohya",
