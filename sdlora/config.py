@@ -172,7 +172,7 @@ class TrainConfig:
     text_encoder_lr: float | None = opt(None, "Learning rate of the text-encoder LoRA (default: --lr).")
     embedding_lr: float = opt(5e-3, "Learning rate of the --train-embedding vectors (no weight decay).")
     embedding_steps: int = opt(0, "Train the embeddings for this many steps, then keep them fixed (0: the whole run).")
-    optimizer: str = opt("adamw", "Optimizer.", choices=OPTIMIZERS)
+    optimizer: str = opt("adamw", "Optimizer (prodigy finds its own step size: give it --lr 1).", choices=OPTIMIZERS)
     weight_decay: float = opt(1e-2, "Weight decay.")
     lr_scheduler: str = opt("constant", "Learning-rate schedule.", choices=LR_SCHEDULERS)
     warmup_steps: int = opt(0, "Linear warmup steps.")

@@ -26,6 +26,7 @@ from .models import base_kind, native_size
 DUPLICATE_BITS = 4  # difference hashes (64 bits) this close are near-duplicates: resized, re-encoded, lightly graded
 DUPLICATE_COLOUR = 24  # ... if their quarters' mean colours differ by at most this much (of 255) in every channel
 WORST_CROPS = 8  # images on the contact sheet
+PRODIGY_LR = 0.1  # below this, --lr is an AdamW-sized one that Prodigy's adaptive step would be scaled down by
 
 
 def fit_to_base(cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
@@ -36,7 +37,7 @@ def fit_to_base(cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
     if cfg.data.resolution and cfg.data.bucket_step:
         return cfg, []
     native, why = (0, "") if cfg.data.resolution else native_size(
-        cfg.base, prediction_type=cfg.prediction_type or None, download=True)
+        cfg.base, prediction_type=cfg.prediction_type or None, download=True, config=cfg.base_config or None)
     data = cfg.data.fitted(native)
     notes = [] if cfg.data.resolution else [f"resolution {data.resolution} px: {why} (--resolution to change)"]
     if not cfg.data.bucket_step:
@@ -47,7 +48,8 @@ def fit_to_base(cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
 
 def learning_rate_notes(cfg: TrainConfig) -> tuple[str, str | None]:
     """The learning rate as it acts (lr x alpha / rank: the update is scaled by alpha / rank), and a warning when
-    alpha is far below the rank, which makes the same lr train much more slowly."""
+    alpha is far below the rank, which makes the same lr train much more slowly, or when Prodigy (which finds its own
+    step size and multiplies it by lr) is given an AdamW-sized lr."""
     a = cfg.adapter
     scale = a.lora_alpha / a.rank
     line = (f"learning rate {cfg.lr:g} x alpha {a.lora_alpha:g} / rank {a.rank} = {cfg.lr * scale:.3g} effective"
@@ -57,6 +59,10 @@ def learning_rate_notes(cfg: TrainConfig) -> tuple[str, str | None]:
         warning = (f"alpha {a.lora_alpha:g} is far below rank {a.rank}: the update is scaled by {scale:.3g}, so "
                    f"--lr {cfg.lr:g} trains like {cfg.lr * scale:.2g} would at alpha = rank. Raise --lr (kohya users "
                    "with alpha 1 often use 1e-3 or more) or leave --alpha at its default (the rank).")
+    if cfg.optimizer == "prodigy" and cfg.lr < PRODIGY_LR:
+        warning = (f"--optimizer prodigy finds its own step size and multiplies it by --lr: at --lr {cfg.lr:g} the "
+                   "LoRA barely moves (a short run saves one that learned nothing). Use --lr 1, as Prodigy's authors "
+                   "and kohya users do.")
     return line, warning
 
 
@@ -209,7 +215,8 @@ def diagnose(cfg: TrainConfig, *, sheet: Path | None = None, processes: int = 1,
     report = DatasetReport(Path(d.data), scan, cfg, defaults, processes=processes, reg=reg)
     if d.validation_split and scan.items:
         scan.items, report.held_out = split_validation(scan.items, d.validation_split, cfg.seed)
-    tokenizer, report.token_limit = _tokenizer(cfg.base)
+    tokenizer, report.token_limit = _tokenizer(cfg.base_config if cfg.base_config and Path(cfg.base).suffix.lower()
+                                               == ".safetensors" else cfg.base)
     report.tokens_estimated = tokenizer is None
     report.captions = _captions(scan, tokenizer, report.token_limit)
     report.smaller = [i.path.name for i in scan.items if i.size[0] * i.size[1] < d.resolution ** 2]

@@ -131,11 +131,15 @@ def base_kind(spec: str) -> str:
                      f"{', '.join(BUILTINS)}")
 
 
-def native_size(spec: str, *, prediction_type: str | None = None, download: bool = False) -> tuple[int, str]:
+def native_size(spec: str, *, prediction_type: str | None = None, download: bool = False,
+                config: str | None = None) -> tuple[int, str]:
     """The size the base was trained at (diffusers' default: the UNet's sample size x the VAE's scale), read from
     configs or a checkpoint's header without loading any weights, and how it was found. A Hub id that is not in
-    the local cache is downloaded when `download` is true, else the size is assumed (and said so)."""
+    the local cache is downloaded when `download` is true, else the size is assumed (and said so). A single file
+    with `config` (--base-config) takes that folder's or Hub id's configs, as loading it does."""
     spec = str(spec)
+    if config and Path(spec).suffix.lower() == ".safetensors":
+        return native_size(config, prediction_type=prediction_type, download=download)
 
     def from_configs(unet: dict, vae: dict) -> int:
         size = unet.get("sample_size", 64)

@@ -360,6 +360,10 @@ def _dataset_and_caches(run: Run):
     plan = EpochPlan(items, cfg.batch_size, run.accelerator.num_processes, cfg.seed)
     if cfg.cache_latents and not cfg.data.augments_images:
         dataset.latents = _cache_latents(dataset, base, cfg, run.accelerator)
+    elif cfg.cache_dir is not None and run.main:
+        log.warning(f"--cache-dir {cfg.cache_dir} is not used: --flip or --crop random change the pixels every epoch, "
+                    "so the images are encoded at every step" if cfg.cache_latents else
+                    f"--cache-dir {cfg.cache_dir} is not used: latent caching is off")
     if not run.pivot:  # (while embeddings train, the text changes every step: cached once they stop)
         run.text_cache = _text_cache(run, dataset)
     _release_encoders(base, dataset.latents is not None, run.text_cache is not None, bool(cfg.sample_prompt),

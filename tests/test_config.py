@@ -138,3 +138,6 @@ def test_one_outputs_folder_and_the_effective_learning_rate():
     assert line == "learning rate 0.001 x alpha 1 / rank 32 = 3.13e-05 effective"
     assert "alpha 1 is far below rank 32" in warning and "1e-3 or more" in warning
     assert learning_rate_notes(TrainConfig(adapter=AdapterConfig(rank=16, alpha=8)))[1] is None
+    # Prodigy at an AdamW-sized lr saved a LoRA whose up-matrices were still zero, without a word
+    assert "Use --lr 1" in learning_rate_notes(TrainConfig(optimizer="prodigy"))[1]
+    assert learning_rate_notes(TrainConfig(optimizer="prodigy", lr=1.0))[1] is None

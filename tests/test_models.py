@@ -95,6 +95,11 @@ def test_single_file_checkpoint_trains_with_a_local_config(tmp_path, dataset):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert main(["-q", "train", "--base", str(tmp_path / "tiny.safetensors"), "--base-config", str(tmp_path / "cfg"),
                  "--data", str(dataset), "--resolution", "64", "--steps", "1", "--output-dir", str(tmp_path / "o")]) == 0
+    # Its native size comes from --base-config's configs, as loading it does (not SD 1.x's 512 from the keys)
+    from sdlora.models import native_size
+
+    assert native_size(str(tmp_path / "tiny.safetensors"), config=str(tmp_path / "cfg")) == (64, "cfg's unet/config.json")
+    assert native_size(str(tmp_path / "tiny.safetensors"))[0] == 512
     with pytest.raises(ModelError, match="--base-config"):
         load_base(str(tmp_path / "tiny.safetensors"), config=str(tmp_path / "missing-folder"))
 

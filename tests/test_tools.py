@@ -1,6 +1,7 @@
 """The LoRA workshop: merge, resize, extract and analyze against what they must equal."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -253,6 +254,9 @@ def test_bake_is_the_fused_blend_as_a_model(tmp_path, name, layout):
     items = [Item(tmp_path / "one.safetensors", 0.8, 0.5), Item(tmp_path / "two.safetensors", -0.6)]
     out = tmp_path / ("baked.safetensors" if layout == "single" else "baked")
     bake(name, items, out, layout=layout, precision="fp32")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == (0o777 if out.is_dir() else 0o666) & ~umask  # (a folder was made private)
     fused = Engine(name, tmp_path, device="cpu")
     blend = [BlendItem("one", 0.8, 0.5), BlendItem("two", -0.6)]
     fused.apply(blend, "fast")

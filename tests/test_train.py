@@ -248,6 +248,12 @@ def test_the_runs_toml_repeats_and_resumes_it_from_another_folder(tmp_path, data
     assert "changed since" not in capsys.readouterr().err
 
 
+def test_a_cache_dir_that_cannot_be_used_says_so(tmp_path, dataset, capsys):
+    assert main(["train", "--data", str(dataset), "--resolution", "64", "--steps", "1", "--flip", "--cache-dir",
+                 str(tmp_path / "cache"), "--output-dir", str(tmp_path / "o")]) == 0
+    assert "--cache-dir" in capsys.readouterr().err and not (tmp_path / "cache").exists()
+
+
 def test_no_usable_image_names_why(tmp_path, capsys):
     from PIL import Image
 

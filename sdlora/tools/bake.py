@@ -145,6 +145,9 @@ def _save_folder(engine: Engine, out: Path, dtype: torch.dtype) -> None:
         pipe = engine.base.pipeline()
         pipe.to(dtype=dtype)
         pipe.save_pretrained(tmp, safe_serialization=True)
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # (mkdtemp makes it private; the model is as readable as any file the user writes)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
